@@ -1,0 +1,142 @@
+"""The `matekd` command: one subcommand per pipeline stage (dvc.yaml calls these)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+import yaml
+
+from .errors import MatekdError
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise MatekdError(f"--set expects key=value, got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _params(args: argparse.Namespace):
+    from .params import load_params
+
+    return load_params(args.params, _overrides(args.set))
+
+
+def cmd_fetch(args):
+    from .data import fetch
+
+    fetch(args.source, download=args.download)
+
+
+def cmd_prepare(args):
+    from .data import run_prepare
+
+    run_prepare(_params(args))
+
+
+def cmd_train_teacher(args):
+    from .teachers import run_train_teacher
+
+    run_train_teacher(_params(args), args.name, progress=not args.no_progress)
+
+
+def cmd_cache(args):
+    from .cache import run_cache
+
+    run_cache(_params(args), args.name)
+
+
+def cmd_distill(args):
+    from .student import run_distill
+
+    run_distill(_params(args), method=args.method, seed=args.seed, output_name=args.output_name,
+                progress=not args.no_progress)
+
+
+def cmd_corrupt(args):
+    from .corrupt import run_corrupt
+
+    run_corrupt(_params(args))
+
+
+def cmd_evaluate(args):
+    from .evaluate import run_evaluate
+
+    run_evaluate(_params(args))
+
+
+def cmd_report(args):
+    from .report import run_report
+
+    run_report(_params(args))
+
+
+def cmd_tune(args):
+    from .tune import run_tune
+
+    run_tune(_params(args), storage=args.storage, workers=args.workers, n_trials=args.n_trials)
+
+
+def cmd_bench(args):
+    from .bench import run_bench
+
+    run_bench(_params(args), batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="matekd", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    common.add_argument("--set", "-S", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param for this call only (dotted key, YAML value)")
+    common.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
+
+    def add(name: str, fn: Callable, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+        p.set_defaults(func=fn)
+        return p
+
+    p = add("fetch", cmd_fetch, "put the raw CIFAR-10 source into data/ and record it in data.dvc")
+    p.add_argument("source", nargs="?", help="archive or folder (default: $MATEKD_CIFAR10)")
+    p.add_argument("--download", action="store_true", help="download canonical CIFAR-10 (needs internet)")
+    add("prepare", cmd_prepare, "decode the raw data into train/validation/test arrays")
+    p = add("train-teacher", cmd_train_teacher, "train one teacher")
+    p.add_argument("name", help="teacher architecture (a key of `teachers` in params.yaml)")
+    p = add("cache", cmd_cache, "cache a teacher's Grad-CAM maps of the training and validation images")
+    p.add_argument("name", help="teacher architecture")
+    p = add("distill", cmd_distill, "train the student with the configured (or given) method")
+    p.add_argument("--method", help="override distill.method (ce, kd, mtkd_equal, mate_kd_noattr, mate_kd)")
+    p.add_argument("--seed", type=int, help="override distill.seed")
+    p.add_argument("--output-name", help="name of the outputs (default: distill; ablation: <method>-seed<k>)")
+    add("corrupt", cmd_corrupt, "read or regenerate CIFAR-10-C for the prepared test set")
+    add("evaluate", cmd_evaluate, "accuracy, CIFAR-10-C robustness and Grad-CAM analysis of every model")
+    add("report", cmd_report, "write reports/results.md, results.csv and figures")
+    p = add("tune", cmd_tune, "Optuna study over the distillation hyperparameters")
+    p.add_argument("--storage", help="Optuna storage URL or journal file (default: tune.storage)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    p.add_argument("--n-trials", type=int, help="trials for this invocation (default: tune.n_trials)")
+    p = add("bench", cmd_bench, "time CE, online-teacher MATE-KD and cached MATE-KD student steps")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MatekdError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,968 @@
+"""CIFAR-10 ingest: find and fetch the raw source, read it safely, write the prepared splits.
+
+Raw data lives in `data/` (tracked by DVC through `data.dvc`); `run_prepare` turns it into
+`prepared/cifar10.safetensors` + `prepared/manifest.json`, and `load_prepared` reads that back
+after checking every array against the manifest.
+
+Two source formats are read, both without extracting anything to disk and without ever
+executing code from the data:
+- the canonical python release (`cifar-10-python.tar.gz` or its extracted
+  `cifar-10-batches-py/`): pickled batches, loaded with an allow-list unpickler;
+- an image folder (`train/<class>/*`, `test/<class>/*`, optionally under one top folder) of
+  JPEG/PNG files, as an archive or a directory.
+"""
+
+from __future__ import annotations
+
+import bz2
+import contextlib
+import gzip
+import hashlib
+import io
+import json
+import logging
+import lzma
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import warnings
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from .errors import DataError, MatekdError, ParamsError
+from .storage import load_tensors, save_tensors, sha256_array, sha256_file, write_json
+
+log = logging.getLogger(__name__)
+
+CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CANONICAL_ARCHIVE = "cifar-10-python.tar.gz"
+CANONICAL_DIR = "cifar-10-batches-py"
+CANONICAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CANONICAL_MD5 = "c58f30108f718f92721af3b95e74349a"
+# Published md5 of each file of the extracted release (same values as torchvision's CIFAR10).
+BATCH_MD5 = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+}
+TRAIN_BATCHES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5")
+TEST_BATCH = "test_batch"
+META_BATCH = "batches.meta"
+KIND_CANONICAL = "cifar10-python"
+KIND_FOLDER = "image-folder"
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+SKIP_MD5_ENV = "MATEKD_SKIP_MD5"
+SOURCE_ENV = "MATEKD_CIFAR10"
+PREPARED_FILE = "cifar10.safetensors"
+MANIFEST_FILE = "manifest.json"
+ARRAY_NAMES = ("train_images", "train_labels", "val_images", "val_labels", "test_images",
+               "test_labels", "train_index", "val_index", "test_index")
+IMAGE_SHAPE = (32, 32, 3)
+
+# Bounds that no genuine CIFAR-10 source comes near; they stop a hostile archive from
+# exhausting memory before any other check runs.
+MAX_ARCHIVE_BYTES = 2 << 30
+MAX_BATCH_BYTES = 256 << 20
+MAX_IMAGE_BYTES = 1 << 20
+DECODE_CHUNK = 2048
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+_HOW_TO_PROVIDE = (
+    "Provide CIFAR-10 in one of these ways: `MATEKD_CIFAR10=/path/to/archive matekd fetch` "
+    "(cifar-10-python.tar.gz, an image-folder .tar.gz or a folder); `matekd fetch --download` "
+    "(needs internet); or copy the archive into data/ yourself and run `dvc add data`.")
+
+
+# --------------------------------------------------------------------------------------
+# Locating the raw source
+
+
+def _is_archive_name(name: str) -> bool:
+    return name.lower().endswith(ARCHIVE_SUFFIXES) and not name.startswith(".")
+
+
+def _skip_md5() -> bool:
+    return os.environ.get(SKIP_MD5_ENV, "").strip() not in ("", "0", "false", "no")
+
+
+def _peek_archive_kind(path: Path) -> str:
+    """Classify a non-canonically named archive from its first member (cheap: one header)."""
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            first = tar.next()
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        raise DataError(f"{path} is truncated or corrupt ({exc}); fetch it again") from exc
+    if first is None:
+        raise DataError(f"{path} is an empty archive")
+    parts = PurePosixPath(first.name).parts
+    if CANONICAL_DIR in parts or (parts and parts[-1] in BATCH_MD5):
+        return KIND_CANONICAL
+    return KIND_FOLDER
+
+
+def find_source(data_dir: str | os.PathLike = "data") -> tuple[str, Path]:
+    """Return (kind, path) of the raw CIFAR-10 source in `data_dir`, or raise DataError.
+
+    Looked for in this order: cifar-10-python.tar.gz, cifar-10-batches-py/, one image-folder
+    archive (*.tar.gz, *.tgz, *.tar), train/ + test/ class folders.
+    """
+    data_dir = Path(data_dir)
+    canonical = data_dir / CANONICAL_ARCHIVE
+    if canonical.is_file():
+        return KIND_CANONICAL, canonical
+    batches = data_dir / CANONICAL_DIR
+    if batches.is_dir():
+        return KIND_CANONICAL, batches
+    archives = sorted(p for p in data_dir.iterdir() if p.is_file() and _is_archive_name(p.name)) \
+        if data_dir.is_dir() else []
+    if len(archives) > 1:
+        raise DataError(f"{data_dir} holds several archives ({', '.join(p.name for p in archives)}); "
+                        "keep exactly one (`matekd fetch` does this) and run `dvc add data`")
+    if archives:
+        return _peek_archive_kind(archives[0]), archives[0]
+    if (data_dir / "train").is_dir() and (data_dir / "test").is_dir():
+        return KIND_FOLDER, data_dir
+    looked = [f"{canonical}", f"{batches}/", f"{data_dir}/*.tar.gz, *.tgz, *.tar (train/<class>/*, "
+              "test/<class>/* inside)", f"{data_dir}/train/ + {data_dir}/test/ (class folders)"]
+    raise DataError(f"no CIFAR-10 source found; looked for: {'; '.join(looked)}. {_HOW_TO_PROVIDE}")
+
+
+# --------------------------------------------------------------------------------------
+# Archive member checks (shared rules with storage.safe_extract_tar)
+
+
+def _check_member(archive: Path | str, member: tarfile.TarInfo) -> tuple[str, ...]:
+    """Normalised path parts of a member; DataError if it is absolute, has `..`, or is not a
+    plain file or folder (symlink, hardlink, device, fifo, sparse file)."""
+    name = member.name
+    parts = PurePosixPath(name).parts
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or ".." in parts:
+        raise DataError(f"{archive}: member {name!r} escapes the archive folder; refusing to read it")
+    if not (member.isfile() or member.isdir()) or member.issparse():
+        raise DataError(f"{archive}: member {name!r} is a link or special file; refusing to read it")
+    return tuple(p for p in parts if p not in ("", "."))
+
+
+def _check_members(archive: Path | str, members: Iterable[tarfile.TarInfo]) -> None:
+    """Apply `_check_member` to every member (the rules of storage.safe_extract_tar)."""
+    for member in members:
+        _check_member(archive, member)
+
+
+class _TarBuffer:
+    """A whole (decompressed) tar archive in memory, with its checked regular-file members."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = _read_decompressed(path)
+        try:
+            with tarfile.open(fileobj=io.BytesIO(self.data), mode="r:") as tar:
+                members = tar.getmembers()
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise DataError(f"{path} is truncated or corrupt ({exc}); fetch it again") from exc
+        if not members:
+            raise DataError(f"{path} is an empty or unreadable archive")
+        # tarfile stops silently at a cut header; a complete archive has a zero block (its
+        # end-of-archive marker) right after the last member.
+        last = members[-1]
+        tail = last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        marker = self.data[tail:tail + tarfile.BLOCKSIZE]
+        if len(marker) < tarfile.BLOCKSIZE or any(marker):
+            raise DataError(f"{path} is truncated or corrupt (no end-of-archive marker after "
+                            f"{last.name!r}); fetch it again")
+        view = memoryview(self.data)
+        self.files: dict[tuple[str, ...], memoryview] = {}
+        for member in members:
+            parts = _check_member(path, member)
+            if not member.isfile():
+                continue
+            end = member.offset_data + member.size
+            if end > len(self.data):
+                raise DataError(f"{path} is truncated (member {member.name!r} is cut off); fetch it again")
+            self.files[parts] = view[member.offset_data:end]
+
+
+def _read_decompressed(path: Path) -> bytearray:
+    """Decompress a (gz/bz2/xz/plain) tar into a writable buffer, bounded in size."""
+    try:
+        with open(path, "rb") as raw:
+            magic = raw.read(6)
+        opener: Callable[..., Any]
+        if magic.startswith(b"\x1f\x8b"):
+            opener = gzip.open
+        elif magic.startswith(b"BZh"):
+            opener = bz2.open
+        elif magic.startswith(b"\xfd7zXZ"):
+            opener = lzma.open
+        else:
+            opener = open
+        with opener(path, "rb") as handle:
+            data = bytearray(handle.read(MAX_ARCHIVE_BYTES + 1))
+    except (EOFError, OSError, zlib.error, lzma.LZMAError, ValueError) as exc:
+        raise DataError(f"{path} is truncated or corrupt ({exc}); fetch it again") from exc
+    if len(data) > MAX_ARCHIVE_BYTES:
+        raise DataError(f"{path} unpacks to more than {MAX_ARCHIVE_BYTES >> 30} GiB; not a CIFAR-10 source")
+    return data
+
+
+# --------------------------------------------------------------------------------------
+# Canonical python release
+
+
+def _reconstruct_guarded(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+    """numpy's pickle constructor, limited to plain ndarrays of the tiny placeholder shape."""
+    if subtype is not np.ndarray or not isinstance(shape, tuple) or int(np.prod(shape)) > 1024:
+        raise pickle.UnpicklingError("unexpected ndarray reconstruction arguments")
+    return np.ndarray.__new__(np.ndarray, shape, dtype)
+
+
+def _encode_latin1(text: str, encoding: str = "utf-8") -> bytes:
+    """`_codecs.encode` as Python-3 protocol-2 pickles use it for bytes (latin1 only)."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"unexpected _codecs.encode encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct_guarded,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct_guarded,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _encode_latin1,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Loads CIFAR batch dicts; any global outside the allow-list is refused, never imported."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise DataError(f"refusing to unpickle {module}.{name}") from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise DataError("refusing to unpickle a persistent reference")
+
+
+def _load_batch(raw: bytes | memoryview, where: str) -> dict:
+    """Unpickle one CIFAR batch with the allow-list unpickler; DataError on anything else."""
+    if len(raw) > MAX_BATCH_BYTES:
+        raise DataError(f"{where} is {len(raw)} bytes, too large for a CIFAR-10 batch")
+    try:
+        obj = _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except DataError as exc:
+        raise DataError(f"{where}: {exc}") from None
+    except Exception as exc:  # any malformed pickle: UnpicklingError, EOFError, ValueError, ...
+        raise DataError(f"{where} is not a valid CIFAR-10 batch ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(obj, dict):
+        raise DataError(f"{where} is not a valid CIFAR-10 batch (holds a {type(obj).__name__}, not a dict)")
+    return obj
+
+
+def _batch_arrays(batch: dict, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images NHWC uint8, labels int64) of one batch dict, validated."""
+    data, labels = batch.get(b"data"), batch.get(b"labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        shape = getattr(data, "shape", None)
+        raise DataError(f"{where}: b'data' must be a uint8 array of shape (N, 3072), got "
+                        f"{type(data).__name__} {shape}")
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{where}: b'labels' is not a list of integers") from exc
+    if labels.shape != (data.shape[0],):
+        raise DataError(f"{where}: {labels.shape} labels for {data.shape[0]} images")
+    if labels.size and (labels.min() < 0 or labels.max() >= len(CLASS_NAMES)):
+        raise DataError(f"{where}: labels outside 0..{len(CLASS_NAMES) - 1}")
+    # Rows are channel-planar (1024 R, 1024 G, 1024 B); convert to NHWC.
+    images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    return images, labels
+
+
+def _check_meta(meta: dict, where: str) -> None:
+    names = meta.get(b"label_names")
+    if names is None:
+        return
+    decoded = tuple(n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names)
+    if decoded != CLASS_NAMES:
+        raise DataError(f"{where}: label names {list(decoded)} differ from CIFAR-10's {list(CLASS_NAMES)}")
+
+
+def _md5(data: bytes | memoryview) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def _file_md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _md5_error(what: str, expected: str, actual: str) -> DataError:
+    return DataError(f"md5 mismatch for {what}: expected {expected}, got {actual}; the file is corrupt "
+                     "or not the official CIFAR-10 release (fetch it again, or set "
+                     f"{SKIP_MD5_ENV}=1 to accept it anyway)")
+
+
+def _read_canonical(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train_x, train_y, test_x, test_y) from the python release (archive or folder)."""
+    check = not _skip_md5()
+    if path.is_dir():
+        files: dict[str, bytes | memoryview] = {}
+        for name in (*TRAIN_BATCHES, TEST_BATCH, META_BATCH):
+            file = path / name
+            if not file.is_file():
+                if name == META_BATCH:
+                    continue
+                raise DataError(f"{path}: missing {name} (an incomplete cifar-10-batches-py folder)")
+            if file.stat().st_size > MAX_BATCH_BYTES:
+                raise DataError(f"{file} is too large for a CIFAR-10 batch")
+            files[name] = file.read_bytes()
+        label = str(path)
+    else:
+        if check and path.name == CANONICAL_ARCHIVE:
+            actual = _file_md5(path)
+            if actual != CANONICAL_MD5:
+                raise _md5_error(str(path), CANONICAL_MD5, actual)
+            check = False  # the archive checksum covers every member
+        tar = _TarBuffer(path)
+        files = {}
+        for parts, view in tar.files.items():
+            if parts[-1] in (*BATCH_MD5, META_BATCH):
+                if parts[-1] in files:
+                    raise DataError(f"{path}: more than one member named {parts[-1]}")
+                files[parts[-1]] = view
+        for name in (*TRAIN_BATCHES, TEST_BATCH):
+            if name not in files:
+                raise DataError(f"{path}: missing member {CANONICAL_DIR}/{name}")
+        label = str(path)
+    if check:
+        for name, expected in BATCH_MD5.items():
+            actual = _md5(files[name])
+            if actual != expected:
+                raise _md5_error(f"{label}/{name}", expected, actual)
+    if META_BATCH in files:
+        _check_meta(_load_batch(files[META_BATCH], f"{label}/{META_BATCH}"), f"{label}/{META_BATCH}")
+    train = [_batch_arrays(_load_batch(files[n], f"{label}/{n}"), f"{label}/{n}") for n in TRAIN_BATCHES]
+    test_x, test_y = _batch_arrays(_load_batch(files[TEST_BATCH], f"{label}/{TEST_BATCH}"),
+                                   f"{label}/{TEST_BATCH}")
+    return (np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]), test_x, test_y)
+
+
+# --------------------------------------------------------------------------------------
+# Image folders
+
+
+@dataclass
+class _Entry:
+    split: str
+    label: int
+    name: str  # path shown in messages
+    data: bytes | memoryview
+
+
+def _folder_entries(files: dict[tuple[str, ...], bytes | memoryview | Path], where: str) -> list[_Entry]:
+    """Map relative path parts to entries, after checking the train/test/<class> layout."""
+    file_parts = [parts for parts in files if parts and not parts[-1].startswith(".")]
+    if any(p[0] in ("train", "test") for p in file_parts):
+        prefix: tuple[str, ...] = ()
+    else:
+        tops = {p[0] for p in file_parts if len(p) > 2 and p[1] in ("train", "test")}
+        if len(tops) != 1:
+            raise DataError(f"{where}: found no train/<class>/ and test/<class>/ folders (at the top or "
+                            "under a single top folder)")
+        prefix = (tops.pop(),)
+    entries: list[_Entry] = []
+    seen: dict[str, set[int]] = {"train": set(), "test": set()}
+    for parts in file_parts:
+        if parts[:len(prefix)] != prefix:
+            continue
+        rel = parts[len(prefix):]
+        if rel[0] not in ("train", "test"):
+            continue  # README, LICENSE and the like beside the splits
+        shown = "/".join(parts)
+        if len(rel) != 3:
+            raise DataError(f"{where}: unexpected member {shown} (expected {rel[0]}/<class>/<image>)")
+        if rel[1] not in CLASS_NAMES:
+            raise DataError(f"{where}: unexpected class folder {'/'.join(parts[:-1])}; allowed: "
+                            f"{', '.join(CLASS_NAMES)}")
+        label = CLASS_NAMES.index(rel[1])
+        seen[rel[0]].add(label)
+        entries.append(_Entry(rel[0], label, shown, files[parts]))  # type: ignore[arg-type]
+    for split in ("train", "test"):
+        missing = [CLASS_NAMES[c] for c in range(len(CLASS_NAMES)) if c not in seen[split]]
+        if missing:
+            base = "/".join((*prefix, split))
+            raise DataError(f"{where}: missing class folder(s) {', '.join(f'{base}/{m}' for m in missing)} "
+                            f"(every split needs all of {', '.join(CLASS_NAMES)})")
+    return entries
+
+
+def _decode_pil(entry: _Entry, where: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(bytes(entry.data))) as image:
+            if image.size != IMAGE_SHAPE[:2] or image.mode != "RGB":
+                raise DataError(f"{where}: member {entry.name} is {image.size[0]}x{image.size[1]} "
+                                f"{image.mode}; every image must be 32x32 RGB")
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"{where}: member {entry.name} cannot be decoded ({exc})") from exc
+
+
+def _jpeg_decoder() -> Callable[[list], list] | None:
+    """torchvision's batched libjpeg decoder, or None where this torchvision lacks it."""
+    try:
+        import torch
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        return None
+
+    def decode(chunk: list) -> list:
+        tensors = [torch.frombuffer(e.data, dtype=torch.uint8) for e in chunk]
+        return decode_jpeg(tensors, mode=ImageReadMode.UNCHANGED, device="cpu")
+
+    return decode
+
+
+def _decode_jpeg_chunk(decode: Callable[[list], list] | None, chunk: list[_Entry], out: np.ndarray,
+                       where: str) -> None:
+    """Decode a chunk of JPEG entries into `out` (one row per entry), checking 32x32 RGB."""
+    if decode is None:
+        out[:] = np.stack([_decode_pil(e, where) for e in chunk])
+        return
+    try:
+        images = decode(chunk)
+    except RuntimeError:
+        # A batch fails as a whole; decode singly to name the bad member.
+        for entry in chunk:
+            try:
+                decode([entry])
+            except RuntimeError as exc:
+                raise DataError(f"{where}: member {entry.name} cannot be decoded "
+                                f"({str(exc).splitlines()[-1].split(', ')[-1]})") from exc
+        raise DataError(f"{where}: JPEG decoding failed for members {chunk[0].name}..{chunk[-1].name}")
+    for entry, image in zip(chunk, images):
+        if tuple(image.shape) != (3, 32, 32):
+            channels, height, width = image.shape
+            kind = {1: "grayscale", 2: "grayscale+alpha", 4: "4-channel (CMYK/alpha)"}.get(channels, "RGB")
+            raise DataError(f"{where}: member {entry.name} is {width}x{height} {kind}; every image must be "
+                            "32x32 RGB")
+    import torch
+
+    out[:] = torch.stack(images).permute(0, 2, 3, 1).numpy()
+
+
+def _decode_entries(entries: list[_Entry], where: str) -> tuple[np.ndarray, bool]:
+    """Decode entries (JPEG batched through libjpeg, PNG through PIL) into NHWC uint8.
+
+    Returns the images and whether any was a (lossy) JPEG.
+    """
+    images = np.empty((len(entries), *IMAGE_SHAPE), dtype=np.uint8)
+    jpeg_rows: list[int] = []
+    for row, entry in enumerate(entries):
+        head = bytes(entry.data[:8])
+        if len(entry.data) > MAX_IMAGE_BYTES:
+            raise DataError(f"{where}: member {entry.name} is {len(entry.data)} bytes, too large for a 32x32 image")
+        if head.startswith(_JPEG_MAGIC):
+            jpeg_rows.append(row)
+        elif head.startswith(_PNG_MAGIC):
+            images[row] = _decode_pil(entry, where)
+        else:
+            raise DataError(f"{where}: member {entry.name} is neither a JPEG nor a PNG image")
+    if jpeg_rows:
+        decode = _jpeg_decoder()
+        jpeg_out = np.empty((len(jpeg_rows), *IMAGE_SHAPE), dtype=np.uint8)
+        starts = range(0, len(jpeg_rows), DECODE_CHUNK)
+
+        def work(start: int) -> None:
+            rows = jpeg_rows[start:start + DECODE_CHUNK]
+            _decode_jpeg_chunk(decode, [entries[r] for r in rows], jpeg_out[start:start + len(rows)], where)
+
+        with warnings.catch_warnings():
+            # torchvision >= 0.29 warns that its image codecs are deprecated; harmless here.
+            warnings.filterwarnings("ignore", message=".*decoding and encoding capabilities.*")
+            # libjpeg releases the GIL, so threads overlap the decoding of separate chunks.
+            with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+                list(pool.map(work, starts))
+        images[np.asarray(jpeg_rows)] = jpeg_out
+    return images, bool(jpeg_rows)
+
+
+def _read_image_folder(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]:
+    """(train_x, train_y, test_x, test_y, lossy) from an image-folder archive or directory."""
+    files: dict[tuple[str, ...], Any]
+    if path.is_dir():
+        files = {}
+        for split in ("train", "test"):
+            for file in (path / split).rglob("*"):
+                if file.is_file():
+                    files[file.relative_to(path).parts] = file
+        where = str(path)
+    else:
+        files = _TarBuffer(path).files  # type: ignore[assignment]
+        where = str(path)
+    entries = _folder_entries(files, where)
+    if path.is_dir():
+        for entry in entries:
+            # bytearray: torch.frombuffer wants a writable buffer (it never writes to it).
+            entry.data = bytearray(Path(entry.data).read_bytes())  # type: ignore[arg-type]
+    # Deterministic order: split, class, file name.
+    entries.sort(key=lambda e: (e.split, e.label, e.name))
+    images, lossy = _decode_entries(entries, where)
+    labels = np.fromiter((e.label for e in entries), dtype=np.int64, count=len(entries))
+    is_train = np.fromiter((e.split == "train" for e in entries), dtype=bool, count=len(entries))
+    return images[is_train], labels[is_train], images[~is_train], labels[~is_train], lossy
+
+
+@dataclass
+class RawData:
+    """The full source: the 50k training and 10k test images in source order."""
+
+    kind: str
+    path: Path
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    lossy: bool = False
+
+
+def read_source(kind: str, path: str | os.PathLike) -> RawData:
+    """Read a raw source (as returned by `find_source`) into memory."""
+    path = Path(path)
+    if kind == KIND_CANONICAL:
+        tx, ty, vx, vy = _read_canonical(path)
+        return RawData(kind, path, tx, ty, vx, vy, lossy=False)
+    if kind == KIND_FOLDER:
+        tx, ty, vx, vy, lossy = _read_image_folder(path)
+        return RawData(kind, path, tx, ty, vx, vy, lossy=lossy)
+    raise DataError(f"unknown source kind {kind!r}")
+
+
+# --------------------------------------------------------------------------------------
+# Stratified, seeded subsets
+
+
+def stratified_split(labels: np.ndarray, rng: np.random.Generator, sizes: tuple[int | None, ...],
+                     keys: tuple[str, ...], num_classes: int = len(CLASS_NAMES)) -> list[np.ndarray]:
+    """Per class, permute that class's indices and cut consecutive blocks of `sizes` (None = rest).
+
+    Returns one sorted int64 index array per size. Classes are visited in label order and every
+    class consumes one permutation, so a block's content depends only on the seed, the labels and
+    the sizes of the blocks before it (later blocks never change earlier ones).
+    """
+    counts = np.bincount(labels, minlength=num_classes)
+    smallest = int(counts.argmin())
+    start = 0
+    for size, key in zip(sizes, keys):
+        available = int(counts[smallest]) - start
+        if size is not None and size > available:
+            after = " after the earlier split(s)" if start else ""
+            raise ParamsError(f"{key} = {size} is more than the {available} images per class available"
+                              f"{after} (the maximum; class {CLASS_NAMES[smallest]!r} has {counts[smallest]})")
+        start += available if size is None else size
+    picks: list[list[np.ndarray]] = [[] for _ in sizes]
+    for cls in range(num_classes):
+        members = np.flatnonzero(labels == cls)
+        order = members[rng.permutation(members.size)]
+        start = 0
+        for block, size in enumerate(sizes):
+            take = order.size - start if size is None else size
+            picks[block].append(order[start:start + take])
+            start += take
+    return [np.sort(np.concatenate(p)).astype(np.int64) for p in picks]
+
+
+# --------------------------------------------------------------------------------------
+# Stage: prepare
+
+
+def _versions() -> dict[str, str]:
+    versions = {"numpy": np.__version__}
+    for module in ("torch", "torchvision", "PIL"):
+        try:
+            versions["pillow" if module == "PIL" else module] = __import__(module).__version__
+        except ImportError:
+            versions["pillow" if module == "PIL" else module] = "absent"
+    return versions
+
+
+def _counts(labels: np.ndarray) -> dict[str, int]:
+    counts = np.bincount(labels, minlength=len(CLASS_NAMES))
+    return {name: int(n) for name, n in zip(CLASS_NAMES, counts)}
+
+
+@contextlib.contextmanager
+def _atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; swap it onto `target` only if the block succeeds."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    old: Path | None = None
+    try:
+        yield tmp
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, old / target.name)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if old is not None:
+                os.replace(old / target.name, target)
+            raise
+    except OSError as exc:
+        raise MatekdError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def run_prepare(params: Any, data_dir: str | os.PathLike = "data",
+                out_dir: str | os.PathLike = "prepared") -> dict:
+    """Stage prepare: read data/, draw seeded stratified train/val/test, write prepared/.
+
+    The validation split is carved from the 50k training images (never from test). Returns the
+    manifest. On any error nothing new is left behind.
+    """
+    data = params.data
+    kind, path = find_source(data_dir)
+    log.info("reading %s (%s)", path, kind)
+    raw = read_source(kind, path)
+    rng = np.random.default_rng(params.seed)
+    val_index, train_index = stratified_split(
+        raw.train_labels, rng, (data.val_per_class, data.train_per_class),
+        ("data.val_per_class", "data.train_per_class"))
+    if train_index.size == 0:
+        raise ParamsError(f"data.val_per_class = {data.val_per_class} leaves no training images")
+    (test_index,) = stratified_split(raw.test_labels, rng, (data.test_per_class,), ("data.test_per_class",))
+    arrays = {
+        "train_images": raw.train_images[train_index], "train_labels": raw.train_labels[train_index],
+        "val_images": raw.train_images[val_index], "val_labels": raw.train_labels[val_index],
+        "test_images": raw.test_images[test_index], "test_labels": raw.test_labels[test_index],
+        "train_index": train_index, "val_index": val_index, "test_index": test_index,
+    }
+    if kind == KIND_CANONICAL:
+        label = "CIFAR-10"
+    else:
+        label = "CIFAR-10 (JPEG mirror)" if raw.lossy else "CIFAR-10 (image-folder copy)"
+    manifest = {
+        "format": 1,
+        "dataset": label,
+        "source": {"kind": kind, "file": path.name if path != Path(data_dir) else ".",
+                   "sha256": sha256_file(path), "lossy_jpeg": raw.lossy,
+                   "train_images": int(raw.train_labels.size), "test_images": int(raw.test_labels.size)},
+        "class_names": list(CLASS_NAMES),
+        "seed": params.seed,
+        "params": data.model_dump(mode="json"),
+        "sizes": {"train": int(train_index.size), "val": int(val_index.size), "test": int(test_index.size)},
+        "counts": {split: _counts(arrays[f"{split}_labels"]) for split in ("train", "val", "test")},
+        "arrays": {name: {"sha256": sha256_array(a), "shape": list(a.shape), "dtype": str(a.dtype)}
+                   for name, a in arrays.items()},
+        "versions": _versions(),
+    }
+    import torch
+
+    out = Path(out_dir)
+    with _atomic_dir(out) as tmp:
+        save_tensors(tmp / PREPARED_FILE, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()},
+                     metadata={"format": "matekd-prepared-1"})
+        write_json(tmp / MANIFEST_FILE, manifest)
+    log.info("prepared %s: %d train, %d val, %d test", out, train_index.size, val_index.size, test_index.size)
+    return manifest
+
+
+# --------------------------------------------------------------------------------------
+# Loading prepared data
+
+
+@dataclass
+class Prepared:
+    """The prepared splits: uint8 NHWC images, int64 labels and source indices."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    val_images: np.ndarray
+    val_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    train_index: np.ndarray
+    val_index: np.ndarray
+    test_index: np.ndarray
+    manifest: dict = field(repr=False)
+    manifest_hash: str = ""
+    class_names: tuple[str, ...] = CLASS_NAMES
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def load_prepared(dir: str | os.PathLike = "prepared") -> Prepared:  # noqa: A002 (contract name)
+    """Load prepared/ and verify every array against the manifest's hashes."""
+    folder = Path(dir)
+    tensors_path, manifest_path = folder / PREPARED_FILE, folder / MANIFEST_FILE
+    for needed in (tensors_path, manifest_path):
+        if not needed.is_file():
+            raise DataError(f"prepared data not found ({needed} is missing); run `dvc repro prepare` "
+                            "(or `matekd prepare`)")
+    raw_manifest = manifest_path.read_bytes()
+    try:
+        manifest = json.loads(raw_manifest)
+        expected = {name: manifest["arrays"][name]["sha256"] for name in ARRAY_NAMES}
+        class_names = tuple(manifest["class_names"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise DataError(f"prepared data is corrupt ({manifest_path} is unreadable: {exc!r}); "
+                        "run `dvc repro prepare` again") from exc
+    try:
+        tensors, _ = load_tensors(tensors_path)
+    except MatekdError as exc:
+        raise DataError(f"prepared data is corrupt ({exc}); run `dvc repro prepare` again") from exc
+    arrays: dict[str, np.ndarray] = {}
+    for name in ARRAY_NAMES:
+        if name not in tensors:
+            raise DataError(f"prepared data is corrupt ({name} is missing from {tensors_path}); "
+                            "run `dvc repro prepare` again")
+        arrays[name] = tensors[name].numpy()
+        if sha256_array(arrays[name]) != expected[name]:
+            raise DataError(f"prepared data is corrupt ({name} hash mismatch with {manifest_path}); "
+                            "run `dvc repro prepare` again")
+    return Prepared(**arrays, manifest=manifest, manifest_hash=hashlib.sha256(raw_manifest).hexdigest(),
+                    class_names=class_names)
+
+
+# --------------------------------------------------------------------------------------
+# Stage helper: fetch
+
+
+@dataclass
+class FetchResult:
+    """What `fetch` did: the source now in data/, how it got there, and the DVC outcome."""
+
+    kind: str
+    path: Path
+    action: str  # linked | copied | downloaded | unchanged | present
+    removed: list[str] = field(default_factory=list)
+    dvc: str = ""
+
+
+def _raw_sources(data_dir: Path) -> list[Path]:
+    """Every entry of data/ that find_source could pick up."""
+    if not data_dir.is_dir():
+        return []
+    found = []
+    for entry in sorted(data_dir.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_file() and _is_archive_name(entry.name):
+            found.append(entry)
+        elif entry.is_dir() and entry.name in (CANONICAL_DIR, "train", "test"):
+            found.append(entry)
+    return found
+
+
+def _same_content(a: Path, b: Path) -> bool:
+    if not (a.exists() and b.exists()) or a.is_dir() != b.is_dir():
+        return False
+    with contextlib.suppress(OSError):
+        if os.path.samefile(a, b):
+            return True
+    if a.is_file() and a.stat().st_size != b.stat().st_size:
+        return False
+    return sha256_file(a) == sha256_file(b)
+
+
+def _place(item: Path, dest: Path) -> str:
+    """Hardlink (else copy) a file or copy a folder to `dest`, which must not exist."""
+    if item.is_dir():
+        shutil.copytree(item, dest, symlinks=False)
+        return "copied"
+    try:
+        os.link(item, dest)
+        return "linked"
+    except OSError:
+        shutil.copy2(item, dest)
+        return "copied"
+
+
+def _plan_source(source: Path) -> list[tuple[Path, str]]:
+    """(item to place, name in data/) pairs for a user-given source file or folder."""
+    if not source.exists():
+        raise DataError(f"CIFAR-10 source {source} does not exist. {_HOW_TO_PROVIDE}")
+    if source.is_file():
+        if not _is_archive_name(source.name):
+            raise DataError(f"{source} is not a .tar.gz, .tgz or .tar archive")
+        return [(source, source.name)]
+    if (source / "data_batch_1").is_file():
+        return [(source, CANONICAL_DIR)]
+    if (source / CANONICAL_DIR).is_dir():
+        return [(source / CANONICAL_DIR, CANONICAL_DIR)]
+    if (source / "train").is_dir() and (source / "test").is_dir():
+        return [(source / "train", "train"), (source / "test", "test")]
+    raise DataError(f"{source} is a folder but holds neither the CIFAR-10 python batches (data_batch_1, ...) "
+                    "nor train/ and test/ class folders")
+
+
+def _install(plan: list[tuple[Path, str]], data_dir: Path) -> tuple[str, list[str]]:
+    """Stage the new source beside data/'s content, then swap it in for every other raw source."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    targets = {data_dir / name for _, name in plan}
+    if all(_same_content(item, data_dir / name) for item, name in plan):
+        action = "unchanged"
+        staged: list[tuple[Path, Path]] = []
+        stage = None
+    else:
+        stage = Path(tempfile.mkdtemp(prefix=".fetch.", dir=data_dir))
+        staged = []
+        action = "copied"
+        try:
+            for item, name in plan:
+                action = _place(item, stage / name)
+                staged.append((stage / name, data_dir / name))
+        except OSError as exc:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise DataError(f"cannot copy {item} into {data_dir}: {exc.strerror or exc}") from exc
+    keep = set() if staged else targets
+    old = [p for p in _raw_sources(data_dir) if p not in keep]
+    trash = Path(tempfile.mkdtemp(prefix=".fetch-old.", dir=data_dir)) if old else None
+    moved: list[tuple[Path, Path]] = []
+    try:
+        for entry in old:
+            os.replace(entry, trash / entry.name)  # type: ignore[operator]
+            moved.append((trash / entry.name, entry))  # type: ignore[operator]
+        for src, dst in staged:
+            os.replace(src, dst)
+    except OSError as exc:
+        for src, dst in moved:
+            with contextlib.suppress(OSError):
+                os.replace(src, dst)
+        if trash is not None:
+            with contextlib.suppress(OSError):
+                trash.rmdir()  # only if everything went back; never delete the user's data here
+        raise DataError(f"cannot update {data_dir}: {exc.strerror or exc}") from exc
+    finally:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+    return action, sorted(p.name for p in old if p not in targets)
+
+
+@contextlib.contextmanager
+def _download(data_dir: Path) -> Iterator[Path | None]:
+    """Download the canonical archive (md5-verified) into a temporary folder in data/.
+
+    Yields its path, or None when data/ already holds a verified copy.
+    """
+    target = data_dir / CANONICAL_ARCHIVE
+    if target.is_file() and _file_md5(target) == CANONICAL_MD5:
+        yield None
+        return
+    try:
+        from torchvision.datasets.utils import check_integrity, download_url
+    except ImportError as exc:
+        raise DataError("`--download` needs torchvision; install it or give a local archive") from exc
+    data_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".download.", dir=data_dir))
+    try:
+        try:
+            download_url(CANONICAL_URL, str(stage), filename=CANONICAL_ARCHIVE, md5=CANONICAL_MD5)
+        except Exception as exc:  # URLError, HTTPError, OSError, RuntimeError (bad checksum)
+            raise DataError(f"downloading {CANONICAL_URL} failed ({exc}). Without internet, give a local copy: "
+                            "`MATEKD_CIFAR10=/path/to/cifar-10-python.tar.gz matekd fetch`") from exc
+        if not check_integrity(str(stage / CANONICAL_ARCHIVE), CANONICAL_MD5):
+            raise DataError(f"the download of {CANONICAL_URL} does not have md5 {CANONICAL_MD5}; try again")
+        yield stage / CANONICAL_ARCHIVE
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _dvc_root(start: Path) -> Path | None:
+    for folder in (start, *start.parents):
+        if (folder / ".dvc").is_dir():
+            return folder
+    return None
+
+
+def _dvc_executable() -> str | None:
+    beside = Path(sys.executable).parent / "dvc"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("dvc")
+
+
+def dvc_add(data_dir: Path) -> str:
+    """Run `dvc add <data_dir>` so data.dvc matches data/; returns what happened."""
+    data_dir = data_dir.resolve()
+    root = _dvc_root(data_dir.parent)
+    if root is None:
+        message = f"skipped `dvc add`: {data_dir.parent} is not inside a DVC repository (run `dvc init`)"
+        log.warning(message)
+        return message
+    dvc = _dvc_executable()
+    if dvc is None:
+        message = "skipped `dvc add`: dvc is not installed"
+        log.warning(message)
+        return message
+    rel = os.path.relpath(data_dir, root)
+    proc = subprocess.run([dvc, "add", rel], cwd=root, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise DataError(f"`dvc add {rel}` failed (exit {proc.returncode}): {' '.join(tail)}")
+    return f"dvc add {rel}: ok"
+
+
+def fetch(source: str | os.PathLike | None = None, download: bool = False,
+          data_dir: str | os.PathLike = "data") -> FetchResult:
+    """Put exactly one CIFAR-10 source into data/ and record it with `dvc add data`.
+
+    `source` (else $MATEKD_CIFAR10) is an archive or folder to link/copy in; `download` fetches
+    the official archive. With neither, an existing source in data/ is kept (DataError if none).
+    """
+    data_dir = Path(data_dir)
+    if source is not None and download:
+        raise DataError("give either a source path or --download, not both")
+    if source is None and not download and os.environ.get(SOURCE_ENV):
+        source = os.environ[SOURCE_ENV]
+    removed: list[str] = []
+    if download:
+        with _download(data_dir) as fresh:
+            item = fresh if fresh is not None else data_dir / CANONICAL_ARCHIVE
+            action, removed = _install([(item, CANONICAL_ARCHIVE)], data_dir)
+            if fresh is not None:
+                action = "downloaded"
+    elif source is not None:
+        plan = _plan_source(Path(source).expanduser())
+        action, removed = _install(plan, data_dir)
+    else:
+        find_source(data_dir)  # raises the "where to put data" message when data/ is empty
+        action = "present"
+    kind, path = find_source(data_dir)
+    # Read enough to fail now, not at `dvc repro`, when the source is obviously wrong.
+    if kind == KIND_CANONICAL and path.name == CANONICAL_ARCHIVE and not _skip_md5():
+        actual = _file_md5(path)
+        if actual != CANONICAL_MD5:
+            raise _md5_error(str(path), CANONICAL_MD5, actual)
+    result = FetchResult(kind=kind, path=path, action=action, removed=removed)
+    result.dvc = dvc_add(data_dir)
+    return result

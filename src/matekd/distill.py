@@ -1,0 +1,180 @@
+"""MATE-KD maths (method.md): map similarity, per-sample teacher weights, the loss.
+
+Public API (documented in the README):
+    similarity(student_maps, teacher_maps, kind="cosine", clip=False) -> [K,B]
+    teacher_weights(similarity, tau, rescale=False) -> [K,B]
+    mate_kd_loss(student_logits, teacher_logits, labels, weights, student_maps, teacher_maps,
+                 kd_temperature, ce_weight, attribution_weight, map_norm="max") -> dict
+Helpers: tau_at_epoch (linear tau schedule), weight_statistics (logging, all tensors).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from matekd.attribution import normalize_maps, resize_maps
+
+__all__ = ["similarity", "teacher_weights", "mate_kd_loss", "tau_at_epoch", "weight_statistics"]
+
+EPS = 1e-8
+
+
+def _to_student_grid(student_maps: Tensor, teacher_maps: Tensor) -> Tensor:
+    """Check shapes ([B,h,w] vs [K,B,h',w']) and resize teacher maps to the student grid."""
+    if student_maps.dim() != 3 or teacher_maps.dim() != 4:
+        raise ValueError(f"expected student maps [B,h,w] and teacher maps [K,B,h,w], got "
+                         f"{tuple(student_maps.shape)} and {tuple(teacher_maps.shape)}")
+    if teacher_maps.shape[1] != student_maps.shape[0]:
+        raise ValueError(f"teacher maps {tuple(teacher_maps.shape)} do not match the student "
+                         f"batch of {student_maps.shape[0]}")
+    return resize_maps(teacher_maps, tuple(student_maps.shape[-2:]))
+
+
+def similarity(student_maps: Tensor, teacher_maps: Tensor,
+               kind: Literal["cosine", "pearson"] = "cosine", clip: bool = False) -> Tensor:
+    """Per-teacher, per-sample similarity [K,B] of flattened maps.
+
+    `cosine`: cosine of the raw maps; `pearson`: cosine of mean-centred maps (Pearson r).
+    Teacher maps are resized (bilinear) to the student grid first; `clip` sets negatives
+    to 0. A zero map (after centring, for pearson) has similarity 0.
+    """
+    teacher = _to_student_grid(student_maps, teacher_maps)
+    s = student_maps.flatten(-2).to(teacher.dtype)     # [B,N]
+    t = teacher.flatten(-2)                            # [K,B,N]
+    if kind == "pearson":
+        s = s - s.mean(dim=-1, keepdim=True)
+        t = t - t.mean(dim=-1, keepdim=True)
+    elif kind != "cosine":
+        raise ValueError(f"similarity kind must be 'cosine' or 'pearson', got {kind!r}")
+    dot = (t * s.unsqueeze(0)).sum(dim=-1)
+    norms = t.norm(dim=-1) * s.norm(dim=-1).unsqueeze(0)
+    sim = dot / norms.clamp_min(EPS)
+    return sim.clamp_min(0.0) if clip else sim
+
+
+def teacher_weights(similarity: Tensor, tau: float, rescale: bool = False) -> Tensor:
+    """Softmax over teachers (dim 0) of similarity/tau; detached, each column sums to 1.
+
+    `rescale` first divides each sample's similarities by their maximum over teachers
+    (clamped at EPS; meant for non-negative similarities: cosine or clipped).
+    """
+    if similarity.dim() != 2:
+        raise ValueError(f"similarity must be [K,B], got {tuple(similarity.shape)}")
+    if not tau > 0:
+        raise ValueError(f"similarity temperature tau must be > 0, got {tau}")
+    sim = similarity.detach()
+    if rescale:
+        sim = sim / sim.amax(dim=0, keepdim=True).clamp_min(EPS)
+    return torch.softmax(sim / tau, dim=0)
+
+
+def mate_kd_loss(student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor,
+                 weights: Tensor | None, student_maps: Tensor | None,
+                 teacher_maps: Tensor | None, kd_temperature: float, ce_weight: float,
+                 attribution_weight: float, map_norm: Literal["max", "l2"] = "max"
+                 ) -> dict[str, Tensor]:
+    """MATE-KD loss terms as 0-dim tensors: {total, ce, kd, attr}.
+
+    p_b = sum_k w_kb softmax(t_kb/T); kd = T^2 mean_b KL(p_b || softmax(s_b/T));
+    attr = mean over samples and cells of (n(M_s) - sum_k w_kb n(M_tk))^2;
+    total = ce_weight*ce + (1-ce_weight)*kd + attribution_weight*attr.
+    Weights, teacher logits and teacher maps are detached; the student map keeps its graph.
+    attr is zero (no map work) when attribution_weight == 0 or a map argument is None.
+    Teacher logits/weights may be None only when ce_weight == 1 (plain CE); kd is then 0.
+    """
+    if not kd_temperature > 0:
+        raise ValueError(f"kd_temperature must be > 0, got {kd_temperature}")
+    # Low-precision (AMP) inputs are reduced in at least float32.
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    student_logits = student_logits.to(dtype)
+    zero = student_logits.new_zeros(())
+    ce = F.cross_entropy(student_logits, labels)
+
+    if teacher_logits is None or weights is None:
+        if ce_weight != 1:
+            raise ValueError("teacher logits and weights are required unless ce_weight == 1")
+        kd = zero
+    else:
+        if teacher_logits.dim() != 3 or teacher_logits.shape[1:] != student_logits.shape:
+            raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} must be [K,B,C] with "
+                             f"[B,C] = {tuple(student_logits.shape)}")
+        if weights.shape != teacher_logits.shape[:2]:
+            raise ValueError(f"weights {tuple(weights.shape)} must be [K,B] = "
+                             f"{tuple(teacher_logits.shape[:2])}")
+        w = weights.detach().to(student_logits.dtype)
+        temp = float(kd_temperature)
+        teacher_probs = torch.softmax(teacher_logits.detach().to(student_logits.dtype) / temp, -1)
+        target = (w.unsqueeze(-1) * teacher_probs).sum(dim=0)          # p [B,C]
+        log_student = F.log_softmax(student_logits / temp, dim=-1)
+        # kl_div(log q, p) = sum p (log p - log q), with 0 log 0 = 0.
+        kd = temp * temp * F.kl_div(log_student, target, reduction="batchmean")
+
+    if attribution_weight == 0 or student_maps is None or teacher_maps is None:
+        attr = zero
+    else:
+        if weights is None:
+            raise ValueError("the attribution loss needs teacher weights")
+        student_maps = student_maps.to(torch.promote_types(student_maps.dtype, torch.float32))
+        teacher = _to_student_grid(student_maps, teacher_maps.detach()).to(student_maps.dtype)
+        if weights.shape != teacher.shape[:2]:
+            raise ValueError(f"weights {tuple(weights.shape)} do not match teacher maps "
+                             f"{tuple(teacher.shape)}")
+        w = weights.detach().to(student_maps.dtype)
+        mixed = (w[:, :, None, None] * normalize_maps(teacher, map_norm)).sum(dim=0)
+        attr = (normalize_maps(student_maps, map_norm) - mixed).pow(2).mean()
+
+    total = ce_weight * ce + (1.0 - ce_weight) * kd + attribution_weight * attr
+    return {"total": total, "ce": ce, "kd": kd, "attr": attr}
+
+
+def tau_at_epoch(epoch: int, tau_start: float, tau_end: float | None = None,
+                 schedule_epochs: int | None = None) -> float:
+    """Linear similarity-temperature schedule: tau_start at epoch 0, tau_end from
+    `schedule_epochs` on; constant tau_start when no schedule is set."""
+    if (tau_end is None) != (schedule_epochs is None):
+        raise ValueError("tau_end and schedule_epochs must be given together")
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    if tau_end is None or schedule_epochs is None:
+        return float(tau_start)
+    if schedule_epochs < 1:
+        raise ValueError(f"schedule_epochs must be >= 1, got {schedule_epochs}")
+    frac = min(epoch / schedule_epochs, 1.0)
+    return float(tau_start + (tau_end - tau_start) * frac)
+
+
+def weight_statistics(weights: Tensor, similarity: Tensor, bins: int) -> dict[str, Tensor]:
+    """Teacher-weight diagnostics as tensors (the caller syncs once when logging).
+
+    Keys: weight_mean/weight_std [K], dominant_fraction [K] (share of samples where the
+    teacher has the largest weight), similarity_mean/similarity_std [K] (population std),
+    entropy (0-dim, mean over samples, nats), histogram [K,bins] counts over [0,1]
+    (a weight of exactly 1 falls in the last bin), histogram_edges [bins+1].
+    """
+    if weights.dim() != 2 or similarity.shape != weights.shape:
+        raise ValueError(f"weights {tuple(weights.shape)} and similarity "
+                         f"{tuple(similarity.shape)} must both be [K,B]")
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    w = weights.detach().float()
+    sim = similarity.detach().float()
+    k = w.shape[0]
+    dominant = F.one_hot(w.argmax(dim=0), num_classes=k).float().mean(dim=0)
+    entropy = -torch.special.xlogy(w, w).sum(dim=0).mean()
+    index = (w.clamp(0.0, 1.0) * bins).floor().long().clamp_max(bins - 1)   # [K,B]
+    # one_hot + sum instead of scatter/bincount: deterministic on every device.
+    histogram = F.one_hot(index, num_classes=bins).sum(dim=1)
+    return {
+        "weight_mean": w.mean(dim=1),
+        "weight_std": w.std(dim=1, correction=0),
+        "dominant_fraction": dominant,
+        "similarity_mean": sim.mean(dim=1),
+        "similarity_std": sim.std(dim=1, correction=0),
+        "entropy": entropy,
+        "histogram": histogram,
+        "histogram_edges": torch.linspace(0.0, 1.0, bins + 1, device=w.device),
+    }

@@ -1,0 +1,506 @@
+"""Stage evaluate: clean accuracy, CIFAR-10-C robustness and Grad-CAM agreement of every model.
+
+Models: every teacher of params.teachers and every student found under
+models/student/*.safetensors. Outputs (the whole metrics/eval folder is replaced at once):
+`metrics/eval/<model>.json` per model (teacher `<name>`, student `student-<output-name>`),
+`metrics/eval/gradcam-<student>.json` and `.png` per student.
+
+CIFAR-10-C convention (docs/cifar10c.md): the headline number is the mean over the 15
+standard corruptions x 5 severities; the 4 extra corruptions and the 19-mean are reported
+separately, and so are per-corruption and per-severity accuracies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .attribution import grad_cam, resize_maps
+from .augment import to_device_tensor
+from .data import load_prepared
+from .distill import similarity, teacher_weights, weight_statistics
+from .errors import MatekdError
+from .models import build_model, count_parameters, model_size_mb
+from .params import Params
+from .runtime import device_name, stage
+from .storage import load_tensors, write_json
+from .teachers import load_teacher
+from .train import device_labels, model_input, predict_logits, prepare_model
+
+STANDARD_CORRUPTIONS = (
+    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
+    "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
+    "jpeg_compression",
+)
+EXTRA_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+ALL_CORRUPTIONS = STANDARD_CORRUPTIONS + EXTRA_CORRUPTIONS
+SEVERITIES = 5
+# sha256 of shared/data/cifar10-jpeg.tar.gz (the JPEG q75 mirror, shared/data/README.md)
+JPEG_MIRROR_SHA256 = "45b041e867f5a40f79bfde38d3dd1fd511103d50068c1afecf6445e25234d4db"
+EVAL_DIR = Path("metrics") / "eval"
+
+__all__ = [
+    "STANDARD_CORRUPTIONS", "EXTRA_CORRUPTIONS", "ALL_CORRUPTIONS", "confusion_matrix",
+    "per_class_accuracy", "evaluate_predictions", "evaluate_clean", "severity_accuracy",
+    "corruption_table", "summarise_corruption", "stratified_order", "gradcam_agreement",
+    "dataset_label", "corruption_label", "atomic_dir", "run_evaluate",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Pure maths
+
+
+def confusion_matrix(pred: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
+                     num_classes: int) -> np.ndarray:
+    """Counts [C,C] (int64): row = true class, column = predicted class."""
+    pred = _as_numpy(pred).astype(np.int64).ravel()
+    labels = _as_numpy(labels).astype(np.int64).ravel()
+    if pred.shape != labels.shape:
+        raise ValueError(f"{pred.size} predictions but {labels.size} labels")
+    for name, values in (("predictions", pred), ("labels", labels)):
+        if values.size and (values.min() < 0 or values.max() >= num_classes):
+            raise ValueError(f"{name} outside 0..{num_classes - 1}")
+    flat = np.bincount(labels * num_classes + pred, minlength=num_classes * num_classes)
+    return flat.reshape(num_classes, num_classes)
+
+
+def per_class_accuracy(matrix: np.ndarray) -> np.ndarray:
+    """Recall per true class from a confusion matrix; NaN for classes without samples."""
+    totals = matrix.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, np.diag(matrix) / np.maximum(totals, 1), np.nan)
+
+
+def evaluate_predictions(pred: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
+                         num_classes: int) -> dict[str, Any]:
+    """Accuracy, per-class accuracy and confusion matrix of predicted classes."""
+    matrix = confusion_matrix(pred, labels, num_classes)
+    total = int(matrix.sum())
+    return {"accuracy": float(np.trace(matrix) / total) if total else float("nan"),
+            "per_class_accuracy": per_class_accuracy(matrix), "confusion_matrix": matrix,
+            "images": total}
+
+
+def severity_accuracy(correct: np.ndarray | torch.Tensor, severities: int = SEVERITIES) -> np.ndarray:
+    """Accuracy per severity of a 0/1 vector laid out as severity blocks [(s-1)n, sn)."""
+    correct = _as_numpy(correct).astype(np.float64).ravel()
+    if correct.size == 0 or correct.size % severities:
+        raise ValueError(f"{correct.size} results do not split into {severities} equal severity blocks")
+    return correct.reshape(severities, -1).mean(axis=1)
+
+
+def summarise_corruption(acc_table: Mapping[str, Sequence[float]]) -> dict[str, Any]:
+    """Summarise accuracies per corruption x severity ({name: [acc at severity 1..5]}).
+
+    `standard_mean` (the headline) averages the available standard corruptions; when any of
+    the 15 is absent `standard_mean_complete` is False and `standard_missing` lists them.
+    `all_mean` is the mean over all available of the 19 (not comparable with published
+    15-means); `extra_mean` covers the 4 extra corruptions. Per-severity means are given for
+    the standard set and for all corruptions. Means are None when nothing is available.
+    """
+    unknown = sorted(set(acc_table) - set(ALL_CORRUPTIONS))
+    if unknown:
+        raise ValueError(f"unknown corruptions {unknown}; expected names among {', '.join(ALL_CORRUPTIONS)}")
+    table = {name: np.asarray(values, dtype=np.float64) for name, values in acc_table.items()}
+    for name, values in table.items():
+        if values.shape != (SEVERITIES,):
+            raise ValueError(f"{name}: expected {SEVERITIES} severity accuracies, got shape {values.shape}")
+
+    def block(names: Sequence[str]) -> np.ndarray | None:
+        present = [table[n] for n in names if n in table]
+        return np.stack(present) if present else None
+
+    standard, extra = block(STANDARD_CORRUPTIONS), block(EXTRA_CORRUPTIONS)
+    everything = block(ALL_CORRUPTIONS)
+
+    def mean(x: np.ndarray | None) -> float | None:
+        return None if x is None else float(x.mean())
+
+    def per_severity(x: np.ndarray | None) -> list[float] | None:
+        return None if x is None else x.mean(axis=0).tolist()
+
+    standard_missing = [n for n in STANDARD_CORRUPTIONS if n not in table]
+    extra_missing = [n for n in EXTRA_CORRUPTIONS if n not in table]
+    return {
+        "standard_mean": mean(standard),
+        "standard_mean_complete": not standard_missing,
+        "standard_missing": standard_missing,
+        "standard_count": len(STANDARD_CORRUPTIONS) - len(standard_missing),
+        "extra_mean": mean(extra),
+        "extra_missing": extra_missing,
+        "all_mean": mean(everything),
+        "all_mean_complete": not standard_missing and not extra_missing,
+        "all_count": 0 if everything is None else int(everything.shape[0]),
+        "per_severity_standard": per_severity(standard),
+        "per_severity_all": per_severity(everything),
+        "per_corruption": {n: float(table[n].mean()) for n in ALL_CORRUPTIONS if n in table},
+    }
+
+
+def stratified_order(labels: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A permutation that interleaves classes: the k-th image of every class comes before the
+    (k+1)-th of any class (classes in label order, images in their original order)."""
+    labels = _as_numpy(labels).astype(np.int64).ravel()
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    rank = np.empty_like(order)
+    rank[order] = np.arange(labels.size) - np.searchsorted(sorted_labels, sorted_labels, side="left")
+    return np.lexsort((labels, rank))
+
+
+def gradcam_agreement(student_maps: torch.Tensor, teacher_maps: Sequence[torch.Tensor], tau: float,
+                      kind: str = "cosine", clip: bool = False, rescale: bool = False,
+                      bins: int = 20) -> dict[str, torch.Tensor]:
+    """Similarity [K,B] of the student's maps to each teacher's (resized to the student grid),
+    the teacher weights softmax(sim/tau) [K,B], and weight_statistics of both."""
+    grid = tuple(student_maps.shape[-2:])
+    stacked = torch.stack([resize_maps(m.float(), grid) for m in teacher_maps])
+    sim = similarity(student_maps.float(), stacked, kind=kind, clip=clip)
+    weights = teacher_weights(sim, tau, rescale=rescale)
+    stats = weight_statistics(weights, sim, bins=bins)
+    return {"similarity": sim, "weights": weights, "teacher_maps": stacked, **stats}
+
+
+# --------------------------------------------------------------------------------------
+# Inference
+
+
+def evaluate_clean(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | np.ndarray,
+                   batch_size: int, device: torch.device, num_classes: int = 10) -> dict[str, Any]:
+    """Accuracy, per-class accuracy and confusion matrix of `model` on uint8 NCHW images."""
+    pred = predict_logits(model, images, batch_size, device).argmax(1)
+    return evaluate_predictions(pred.cpu(), labels, num_classes)
+
+
+def corruption_table(models: Mapping[str, nn.Module], corrupted: Mapping[str, np.ndarray],
+                     labels: np.ndarray, batch_size: int, device: torch.device,
+                     progress: bool = False) -> dict[str, dict[str, list[float]]]:
+    """{model: {corruption: [accuracy at severity 1..5]}}; each corruption's images (NHWC uint8,
+    severity blocks) are moved to the device once and shared by all models."""
+    from tqdm.auto import tqdm
+
+    y = device_labels(labels, device)
+    out: dict[str, dict[str, list[float]]] = {name: {} for name in models}
+    for corruption in tqdm(list(corrupted), desc="CIFAR-10-C", disable=not progress, leave=False):
+        images = corrupted[corruption]
+        if images.shape[0] != y.shape[0]:
+            raise MatekdError(f"CIFAR-10-C {corruption}: {images.shape[0]} images but {y.shape[0]} labels; "
+                              "rerun `dvc repro corrupt`")
+        x = to_device_tensor(images, device)
+        for name, model in models.items():
+            correct = predict_logits(model, x, batch_size, device).argmax(1) == y
+            out[name][corruption] = severity_accuracy(correct.cpu()).tolist()
+        del x
+    return out
+
+
+def cams_in_batches(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, batch_size: int,
+                    device: torch.device) -> torch.Tensor:
+    """Grad-CAM maps [N,h,w] (fp32, detached) of uint8 NCHW images for the given classes."""
+    maps = []
+    for start in range(0, images.shape[0], batch_size):
+        x = model_input(images[start:start + batch_size].to(device), device)
+        maps.append(grad_cam(model, x, targets[start:start + batch_size].to(device)).float())
+    return torch.cat(maps)
+
+
+# --------------------------------------------------------------------------------------
+# Labels and provenance
+
+
+def dataset_label(manifest: Mapping[str, Any]) -> str:
+    """The name numbers on this data must carry (shared/data/README.md): the canonical release,
+    the JPEG q75 mirror, or another image folder."""
+    source = manifest.get("source") if isinstance(manifest.get("source"), Mapping) else {}
+    kind = manifest.get("source_kind") or source.get("kind")
+    if kind == "cifar10-python":
+        return "CIFAR-10 (canonical)"
+    if kind == "image-folder":
+        lossy = source.get("lossy_jpeg")
+        if source.get("sha256") == JPEG_MIRROR_SHA256:
+            return "CIFAR-10 (JPEG q75 mirror)"
+        if lossy:
+            return "CIFAR-10 (JPEG image folder; likely the q75 mirror)"
+        if lossy is False:
+            return "CIFAR-10 (image folder)"
+        return "CIFAR-10 (image folder; maybe the JPEG q75 mirror)"
+    return f"CIFAR-10 (unknown source: {kind})" if kind else "CIFAR-10 (unknown source)"
+
+
+def corruption_label(manifest: Mapping[str, Any]) -> str:
+    kind = manifest.get("kind")
+    if kind == "official":
+        return "CIFAR-10-C (official)"
+    if kind == "regenerated":
+        return f"CIFAR-10-C (regenerated, seed {manifest.get('seed')})"
+    return f"CIFAR-10-C ({kind or 'unknown origin'})"
+
+
+# --------------------------------------------------------------------------------------
+# Files
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary sibling folder; swap it onto `target` only if the block succeeds
+    (the previous content is removed then, so stale files never survive)."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as exc:
+        raise MatekdError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    old: Path | None = None
+    try:
+        yield tmp
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, old / target.name)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if old is not None:
+                os.replace(old / target.name, target)
+            raise
+    except OSError as exc:
+        raise MatekdError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _as_numpy(x: np.ndarray | torch.Tensor | Sequence) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: arrays to lists, NaN/inf to None (strict JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _clean(value.tolist())
+    if isinstance(value, torch.Tensor):
+        return _clean(value.detach().cpu().tolist())
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def _load_corrupted(folder: str | os.PathLike = "cifar10c"):
+    """CIFAR-10-C as (dict name -> uint8 [5n,32,32,3], labels [5n], manifest); imported lazily
+    so this module imports while corrupt.py is absent."""
+    from .corrupt import load_corrupted
+
+    return load_corrupted(folder)
+
+
+def load_student(path: Path, default_architecture: str, device: torch.device) -> tuple[nn.Module, dict]:
+    """A trained student in eval mode (architecture from the file's metadata, else the param)."""
+    state, meta = load_tensors(path)
+    architecture = meta.get("architecture", default_architecture)
+    model = build_model(architecture)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise MatekdError(f"{path} does not match the {architecture} architecture ({exc}); "
+                          "rerun the distill/ablation stage that wrote it") from exc
+    model = prepare_model(model, device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, {**meta, "architecture": architecture}
+
+
+# --------------------------------------------------------------------------------------
+# Figure
+
+
+def gradcam_figure(images: np.ndarray, labels: np.ndarray, student_maps: torch.Tensor,
+                   teacher_maps: torch.Tensor, sim: torch.Tensor, weights: torch.Tensor,
+                   teacher_names: Sequence[str], class_names: Sequence[str], title: str):
+    """Rows = images: the image, the student's map, each teacher's map (heat overlays), with
+    similarity and weight under each teacher's map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, k = images.shape[0], len(teacher_names)
+    size = images.shape[1]
+    # Upsample every map to the image and scale each to [0,1] for display only.
+    up = resize_maps(torch.cat([student_maps[None], teacher_maps]).float().cpu(), size)   # [1+K,R,H,W]
+    up = up / up.flatten(-2).amax(-1).clamp_min(1e-8)[..., None, None]
+    fig, axes = plt.subplots(rows, 2 + k, figsize=(1.25 * (2 + k), 1.3 * rows + 0.4), dpi=80,
+                             squeeze=False)
+    headers = ["image", "student", *teacher_names]
+    for r in range(rows):
+        for c in range(2 + k):
+            ax = axes[r, c]
+            ax.imshow(images[r])
+            if c > 0:
+                ax.imshow(up[c - 1, r].numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(headers[c], fontsize=7)
+            if c == 0:
+                ax.set_xlabel(str(class_names[int(labels[r])]), fontsize=6, labelpad=1)
+            elif c > 1:
+                j = c - 2
+                ax.set_xlabel(f"s {float(sim[j, r]):.2f} w {float(weights[j, r]):.2f}", fontsize=6, labelpad=1)
+    fig.suptitle(title, fontsize=7)
+    fig.tight_layout(pad=0.3)
+    return fig
+
+
+def _save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------
+# Stage
+
+
+def run_evaluate(params: Params, prepared_dir: str | Path = "prepared", corrupted_dir: str | Path = "cifar10c",
+                 root: str | Path = ".", progress: bool = False) -> dict[str, dict]:
+    """Evaluate every teacher and student; write metrics/eval/ and log it to MLflow.
+
+    Returns {model name: its metrics dict} (as written to metrics/eval/<model>.json).
+    """
+    root = Path(root)
+    cfg = params.evaluate
+    data = load_prepared(prepared_dir)
+    corrupted, c_labels, c_manifest = _load_corrupted(corrupted_dir)
+    student_files = sorted((root / "models" / "student").glob("*.safetensors"))
+    num_classes = len(data.class_names)
+    data_label, c_label = dataset_label(data.manifest), corruption_label(c_manifest)
+    skipped = dict(c_manifest.get("skipped") or {})
+    c_hash = hashlib.sha256(json.dumps(c_manifest, sort_keys=True, default=str).encode()).hexdigest()
+    c_images = int(c_labels.shape[0]) // SEVERITIES
+    results: dict[str, dict] = {}
+    with stage(params, name="evaluate", run_name="evaluate", data_hash=data.manifest_hash,
+               tags={"dataset": data_label, "cifar10c": c_label}) as ctx:
+        device = ctx.device
+        teachers = {name: load_teacher(name, device, root) for name in params.teachers}
+        students: dict[str, nn.Module] = {}
+        student_meta: dict[str, dict] = {}
+        for path in student_files:
+            name = f"student-{path.stem}"
+            students[name], student_meta[name] = load_student(path, params.distill.student, device)
+        models = {**teachers, **students}
+        test_x = to_device_tensor(data.test_images, device)
+        table = corruption_table(models, corrupted, c_labels, cfg.batch_size, device, progress)
+        common = {"dataset": data_label, "corruption_dataset": c_label, "profile": params.profile,
+                  "test_images": int(data.test_labels.shape[0]), "class_names": list(data.class_names),
+                  "dataset_sha256": data.manifest_hash, "cifar10c_manifest_sha256": c_hash,
+                  "cifar10c_kind": c_manifest.get("kind"), "cifar10c_seed": c_manifest.get("seed"),
+                  "cifar10c_images_per_severity": c_images, "cifar10c_skipped": skipped,
+                  "device": device_name(device), "params_sha256": params.digest()}
+        for name, model in models.items():
+            clean = evaluate_clean(model, test_x, data.test_labels, cfg.batch_size, device, num_classes)
+            summary = summarise_corruption(table[name])
+            entry: dict[str, Any] = {
+                "model": name, "kind": "teacher" if name in teachers else "student",
+                "architecture": student_meta.get(name, {}).get("architecture", name),
+                "params": count_parameters(model), "size_mb": model_size_mb(model),
+                "test_acc": clean["accuracy"],
+                "per_class_accuracy": dict(zip(data.class_names, clean["per_class_accuracy"].tolist())),
+                "confusion_matrix": clean["confusion_matrix"].tolist(),
+                "cifar10c": {"accuracy": table[name], **summary}, **common}
+            if name in students:
+                meta = student_meta[name]
+                entry.update({"output": name.removeprefix("student-"), "method": meta.get("method"),
+                              "seed": int(meta["seed"]) if str(meta.get("seed", "")).isdigit() else None})
+            results[name] = _clean(entry)
+        gradcam = _gradcam_analysis(params, data, teachers, students, device)
+        with atomic_dir(root / EVAL_DIR) as tmp:
+            for name, entry in results.items():
+                write_json(tmp / f"{name}.json", entry)
+            for name, (summary, fig) in gradcam.items():
+                write_json(tmp / f"gradcam-{name}.json", summary)
+                _save_figure(fig, tmp / f"gradcam-{name}.png")
+        _log(ctx.run, root / EVAL_DIR, results, {n: s for n, (s, _) in gradcam.items()})
+    return results
+
+
+def _gradcam_analysis(params: Params, data, teachers: dict[str, nn.Module], students: dict[str, nn.Module],
+                      device: torch.device) -> dict[str, tuple[dict, Any]]:
+    """Per student: agreement of its Grad-CAM maps with each teacher's on the first
+    evaluate.gradcam_images test images (classes interleaved), targets = true labels."""
+    if not students or not teachers:
+        return {}
+    cfg, dcfg = params.evaluate, params.distill
+    order = stratified_order(data.test_labels)[:cfg.gradcam_images]
+    images = to_device_tensor(data.test_images[order], device)
+    targets = device_labels(data.test_labels[order], device)
+    names = list(teachers)
+    teacher_maps = [cams_in_batches(m, images, targets, cfg.batch_size, device) for m in teachers.values()]
+    rows = min(cfg.grid_images, order.size)
+    out: dict[str, tuple[dict, Any]] = {}
+    for student_name, student in students.items():
+        student_maps = cams_in_batches(student, images, targets, cfg.batch_size, device)
+        agree = gradcam_agreement(student_maps, teacher_maps, dcfg.similarity_temperature, kind=dcfg.similarity,
+                                  clip=dcfg.clip_similarity, rescale=dcfg.rescale_weights, bins=dcfg.histogram_bins)
+        stats = {key: agree[key].cpu() for key in ("similarity_mean", "similarity_std", "weight_mean",
+                                                    "weight_std", "dominant_fraction")}
+        summary = {
+            "student": student_name, "teachers": names, "images": int(order.size),
+            "image_order": "stratified (classes interleaved) over the prepared test set",
+            "target": "label", "similarity": dcfg.similarity, "clip_similarity": dcfg.clip_similarity,
+            "rescale_weights": dcfg.rescale_weights, "tau": dcfg.similarity_temperature,
+            "student_grid": list(student_maps.shape[-2:]),
+            **{key: dict(zip(names, value.tolist())) for key, value in stats.items()},
+            "weight_entropy": float(agree["entropy"]),
+            "per_image": {"test_position": order.tolist(), "label": data.test_labels[order].tolist(),
+                          "similarity": {n: agree["similarity"][j].cpu().tolist() for j, n in enumerate(names)},
+                          "weight": {n: agree["weights"][j].cpu().tolist() for j, n in enumerate(names)}},
+        }
+        fig = gradcam_figure(data.test_images[order[:rows]], data.test_labels[order[:rows]],
+                             student_maps[:rows], agree["teacher_maps"][:, :rows], agree["similarity"][:, :rows],
+                             agree["weights"][:, :rows], names, data.class_names,
+                             f"{student_name}: Grad-CAM vs teachers (s = {dcfg.similarity}, "
+                             f"w = softmax(s/{dcfg.similarity_temperature:g}))")
+        out[student_name] = (_clean(summary), fig)
+    return out
+
+
+def _log(run, folder: Path, results: dict[str, dict], gradcam: dict[str, dict]) -> None:
+    metrics: dict[str, float] = {}
+    for name, entry in results.items():
+        c = entry["cifar10c"]
+        values = {"test_acc": entry["test_acc"], "cifar10c_mean15": c["standard_mean"],
+                  "cifar10c_mean19": c["all_mean"], "cifar10c_extra_mean": c["extra_mean"]}
+        for s, acc in enumerate(c["per_severity_standard"] or [], start=1):
+            values[f"cifar10c_severity{s}"] = acc
+        for corruption, acc in c["per_corruption"].items():
+            values[f"cifar10c/{corruption}"] = acc
+        metrics.update({f"{name}/{k}": v for k, v in values.items() if v is not None})
+    for student, summary in gradcam.items():
+        for key in ("similarity_mean", "weight_mean", "dominant_fraction"):
+            for teacher, value in summary[key].items():
+                if value is not None:
+                    metrics[f"gradcam/{student}/{key}/{teacher}"] = value
+    run.log_metrics(metrics)
+    for path in sorted(folder.iterdir()):
+        run.log_artifact(path, "eval")

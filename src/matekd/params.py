@@ -1,0 +1,280 @@
+"""The typed schema of params.yaml: the single source of truth for every stage.
+
+Every stage calls `load_params` first, so a bad value fails before any output is written,
+with a message that names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ParamsError
+
+MODEL_NAMES = ("resnet20", "resnet56", "resnet110", "vgg19_bn", "densenet121")
+METHODS = ("ce", "kd", "mtkd_equal", "mate_kd_noattr", "mate_kd")
+CIFAR_PER_CLASS_TRAIN = 5000
+CIFAR_PER_CLASS_TEST = 1000
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class Recipe(Strict):
+    """Optimiser recipe: SGD with (Nesterov) momentum and a learning-rate schedule."""
+
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1, le=65536)
+    lr: float = Field(gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(default=5e-4, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    eval_batch_size: int = Field(default=512, ge=1)
+
+
+class DataParams(Strict):
+    """Per-class sizes of the stratified, seeded subsets; null means all available."""
+
+    train_per_class: int | None = Field(default=None, ge=1, le=CIFAR_PER_CLASS_TRAIN)
+    val_per_class: int = Field(default=500, ge=0, le=CIFAR_PER_CLASS_TRAIN)
+    test_per_class: int | None = Field(default=None, ge=1, le=CIFAR_PER_CLASS_TEST)
+
+    @model_validator(mode="after")
+    def _fits(self) -> "DataParams":
+        if self.train_per_class is not None and self.train_per_class + self.val_per_class > CIFAR_PER_CLASS_TRAIN:
+            raise ValueError(
+                f"data.train_per_class + data.val_per_class = {self.train_per_class + self.val_per_class} "
+                f"exceeds the {CIFAR_PER_CLASS_TRAIN} training images per class of CIFAR-10")
+        return self
+
+
+class CacheParams(Strict):
+    resolution: int = Field(default=8, ge=1, le=32)
+    batch_size: int = Field(default=256, ge=1)
+
+
+class DistillParams(Strict):
+    student: Literal[MODEL_NAMES] = "resnet20"  # type: ignore[valid-type]
+    method: Literal[METHODS] = "mate_kd"  # type: ignore[valid-type]
+    kd_teacher: str = "resnet110"
+    seed: int = Field(default=0, ge=0)
+    kd_temperature: float = Field(default=3.0, gt=0)
+    similarity_temperature: float = Field(default=0.2, gt=0)
+    similarity_temperature_end: float | None = Field(default=None, gt=0)
+    similarity_schedule_epochs: int | None = Field(default=None, ge=1)
+    ce_weight: float = Field(default=0.3, ge=0, le=1)
+    attribution_weight: float = Field(default=0.1, ge=0)
+    student_target: Literal["label", "prediction"] = "label"
+    similarity: Literal["cosine", "pearson"] = "cosine"
+    clip_similarity: bool = False
+    map_norm: Literal["max", "l2"] = "max"
+    rescale_weights: bool = False
+    teacher_signals: Literal["online", "cached"] = "online"
+    log_every: int = Field(default=20, ge=1)
+    histogram_bins: int = Field(default=20, ge=2, le=200)
+    recipe: Recipe
+
+    @model_validator(mode="after")
+    def _schedule(self) -> "DistillParams":
+        if (self.similarity_temperature_end is None) != (self.similarity_schedule_epochs is None):
+            raise ValueError("distill.similarity_temperature_end and distill.similarity_schedule_epochs "
+                             "must be set together (a linear tau schedule) or both left null")
+        return self
+
+
+class AblationParams(Strict):
+    methods: list[Literal[METHODS]] = Field(default_factory=lambda: list(METHODS))  # type: ignore[valid-type]
+    seeds: list[int] = Field(default_factory=lambda: [0])
+
+    @field_validator("methods", "seeds")
+    @classmethod
+    def _non_empty(cls, value: list) -> list:
+        if not value:
+            raise ValueError("must list at least one entry")
+        if len(set(value)) != len(value):
+            raise ValueError("entries must be unique")
+        return value
+
+
+class CorruptParams(Strict):
+    source: str = ""  # folder with the official CIFAR-10-C .npy files; empty = regenerate
+    frost_dir: str = ""  # frost textures; empty = $MATEKD_FROST, else frost is skipped
+    seed: int = Field(default=0, ge=0)
+    images_per_class: int | None = Field(default=None, ge=1, le=CIFAR_PER_CLASS_TEST)
+    corruptions: list[str] | None = None  # null = all 19
+
+
+class EvaluateParams(Strict):
+    batch_size: int = Field(default=500, ge=1)
+    gradcam_images: int = Field(default=64, ge=1)
+    grid_images: int = Field(default=8, ge=1, le=64)
+
+
+class SpaceEntry(Strict):
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _range(self) -> "SpaceEntry":
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0 (got {self.low})")
+        return self
+
+
+class TuneParams(Strict):
+    study_name: str = "matekd"
+    n_trials: int = Field(default=6, ge=1)
+    epochs: int = Field(default=2, ge=1)
+    sampler_seed: int = Field(default=0, ge=0)
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    pruner_warmup_epochs: int = Field(default=1, ge=0)
+    pruner_startup_trials: int = Field(default=2, ge=0)
+    storage: str = "tuning/optuna.db"
+    method: Literal[METHODS] = "mate_kd"  # type: ignore[valid-type]
+    space: dict[str, SpaceEntry] = Field(default_factory=lambda: {
+        "kd_temperature": SpaceEntry(low=1, high=8, log=True),
+        "similarity_temperature": SpaceEntry(low=0.02, high=2, log=True),
+        "ce_weight": SpaceEntry(low=0, high=1),
+        "attribution_weight": SpaceEntry(low=0, high=1),
+    })
+
+    @field_validator("space")
+    @classmethod
+    def _known(cls, space: dict[str, SpaceEntry]) -> dict[str, SpaceEntry]:
+        tunable = set(TUNABLE)
+        for name in space:
+            if name not in tunable:
+                raise ValueError(f"unknown parameter {name!r}; tunable: {', '.join(sorted(tunable))}")
+        if not space:
+            raise ValueError("the search space is empty")
+        return space
+
+
+TUNABLE = ("kd_temperature", "similarity_temperature", "ce_weight", "attribution_weight", "lr",
+           "weight_decay", "similarity_temperature_end")
+
+
+class TrackingParams(Strict):
+    enabled: bool = True
+    experiment: str = "matekd"
+
+
+class Params(Strict):
+    profile: str = "quick"
+    seed: int = Field(default=0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    deterministic: bool = False
+    data: DataParams = Field(default_factory=DataParams)
+    teachers: dict[str, Recipe]
+    cache: CacheParams = Field(default_factory=CacheParams)
+    distill: DistillParams
+    ablation: AblationParams = Field(default_factory=AblationParams)
+    corrupt: CorruptParams = Field(default_factory=CorruptParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    tune: TuneParams = Field(default_factory=TuneParams)
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
+
+    @field_validator("teachers")
+    @classmethod
+    def _teachers(cls, teachers: dict[str, Recipe]) -> dict[str, Recipe]:
+        if not teachers:
+            raise ValueError("at least one teacher is required")
+        for name in teachers:
+            if name not in MODEL_NAMES:
+                raise ValueError(f"unknown architecture {name!r}; allowed: {', '.join(MODEL_NAMES)}")
+        return teachers
+
+    @model_validator(mode="after")
+    def _kd_teacher(self) -> "Params":
+        if self.distill.kd_teacher not in self.teachers:
+            raise ValueError(f"distill.kd_teacher {self.distill.kd_teacher!r} is not one of the teachers "
+                             f"({', '.join(self.teachers)})")
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """Flattened dotted keys, for MLflow params."""
+        return flatten(self.model_dump(mode="json"))
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+    else:
+        out[prefix[:-1]] = tree
+    return out
+
+
+def _format_error(exc: ValidationError, raw: dict) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+        value = _lookup(raw, err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (not in the schema; check the spelling)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        shown = "" if value is _MISSING else f" = {value!r}"
+        lines.append(f"{loc or '<root>'}{shown}: {msg}")
+    return "invalid params: " + "; ".join(lines)
+
+
+_MISSING = object()
+
+
+def _lookup(raw: Any, loc: tuple) -> Any:
+    node = raw
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            return _MISSING
+    return node
+
+
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Read and validate params.yaml; `overrides` maps dotted keys to values."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"params file {path} not found (run from the project root)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path} must hold a mapping of keys, got {type(raw).__name__}")
+    for key, value in (overrides or {}).items():
+        set_dotted(raw, key, value)
+    return validate_params(raw)
+
+
+def validate_params(raw: dict) -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ParamsError(_format_error(exc, raw)) from None

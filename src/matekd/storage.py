@@ -1,0 +1,172 @@
+"""Files: atomic writes, safetensors, hashes and safe archive extraction.
+
+Every output goes through `atomic_path` so that a crash or a failed write never leaves a
+half-written file that a later stage would load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import MatekdError
+
+
+def repo_root() -> Path:
+    """The project root: DVC_ROOT when DVC runs us, else the nearest folder with dvc.yaml."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").exists() or (folder / "params.yaml").exists():
+            return folder
+    return here
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise MatekdError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise MatekdError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise MatekdError(f"missing file {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MatekdError(f"{path} is not valid JSON ({exc}); rerun the stage that writes it") from exc
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                 metadata: dict[str, str] | None = None) -> None:
+    """Save tensors as safetensors, atomically. Metadata values must be strings."""
+    contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(contiguous, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+
+
+def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu"
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load a safetensors file (never a pickle). Corrupt or missing files raise MatekdError."""
+    path = Path(path)
+    if not path.exists():
+        raise MatekdError(f"missing file {path}")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device=str(device)) as handle:
+            metadata = dict(handle.metadata() or {})
+        tensors = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise MatekdError(f"{path} is not a valid safetensors file ({exc}); "
+                          "delete it and rerun the stage that writes it") from exc
+    return tensors, metadata
+
+
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    """Load a non-safetensors checkpoint without executing code (weights_only=True)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle.UnpicklingError and friends
+        raise MatekdError(f"refusing to load {path}: it is not a plain weights file ({exc})") from exc
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    path = Path(path)
+    if path.is_dir():
+        for member in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(str(member.relative_to(path)).encode())
+            digest.update(sha256_file(member).encode())
+        return digest.hexdigest()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_array(array: np.ndarray | torch.Tensor) -> str:
+    """Hash of an array's dtype, shape and bytes."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
+    array = np.ascontiguousarray(array)
+    digest = hashlib.sha256()
+    digest.update(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def sha256_state(tensors: dict[str, torch.Tensor]) -> str:
+    """Hash of a state dict, independent of file layout."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        digest.update(key.encode())
+        digest.update(sha256_array(tensors[key]).encode())
+    return digest.hexdigest()
+
+
+def safe_extract_tar(archive: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Extract a tar archive, refusing members that escape `dest` or are links or devices."""
+    archive, dest = Path(archive), Path(dest).resolve()
+    try:
+        with tarfile.open(archive) as tar:
+            members = tar.getmembers()
+            for member in members:
+                target = (dest / member.name).resolve()
+                if member.name.startswith("/") or not target.is_relative_to(dest):
+                    raise MatekdError(f"{archive}: member {member.name!r} escapes the target folder; refusing to extract")
+                if not (member.isfile() or member.isdir()):
+                    raise MatekdError(f"{archive}: member {member.name!r} is a link or special file; refusing to extract")
+            tar.extractall(dest, members=members, filter="data")
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise MatekdError(f"{archive} is truncated or corrupt ({exc})") from exc

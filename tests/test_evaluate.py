@@ -1,0 +1,253 @@
+"""Stage evaluate: accuracy/confusion maths, CIFAR-10-C summaries, Grad-CAM agreement, the stage."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from matekd import evaluate as ev
+from matekd.augment import CIFAR_MEAN, CIFAR_STD, to_device_tensor
+from matekd.evaluate import (
+    EXTRA_CORRUPTIONS,
+    STANDARD_CORRUPTIONS,
+    confusion_matrix,
+    corruption_label,
+    corruption_table,
+    dataset_label,
+    evaluate_clean,
+    gradcam_agreement,
+    severity_accuracy,
+    stratified_order,
+    summarise_corruption,
+)
+
+torch.set_num_threads(1)
+CPU = torch.device("cpu")
+
+
+class EncodedModel(nn.Module):
+    """Predicts the class written into each image's top-left red pixel (value 20*c + 5)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raw = (x[:, 0, 0, 0] * CIFAR_STD[0] + CIFAR_MEAN[0]) * 255.0   # undo normalize()
+        cls = torch.round((raw - 5) / 20).long().clamp(0, 9)
+        return torch.nn.functional.one_hot(cls, 10).float() + 0 * self.dummy
+
+
+def encoded_images(pred: list[int]) -> np.ndarray:
+    images = np.full((len(pred), 32, 32, 3), 128, dtype=np.uint8)
+    images[:, 0, 0, 0] = np.asarray(pred) * 20 + 5
+    return images
+
+
+def test_known_predictions_give_known_accuracy_and_confusion() -> None:
+    labels = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    pred = [0, 1, 1, 1, 2, 0, 3, 9]
+    x = to_device_tensor(encoded_images(pred), CPU)
+    out = evaluate_clean(EncodedModel(), x, labels, batch_size=3, device=CPU, num_classes=10)
+    assert out["accuracy"] == pytest.approx(5 / 8)
+    expected = np.zeros((10, 10), dtype=np.int64)
+    for t, p in [(0, 0), (0, 1), (1, 1), (1, 1), (2, 2), (2, 0), (3, 3), (3, 9)]:
+        expected[t, p] += 1
+    np.testing.assert_array_equal(out["confusion_matrix"], expected)
+    per_class = out["per_class_accuracy"]
+    np.testing.assert_allclose(per_class[:4], [0.5, 1.0, 0.5, 0.5])
+    assert np.isnan(per_class[4:]).all()          # classes without test images
+
+
+def test_confusion_matrix_rows_are_true_classes_and_rejects_bad_input() -> None:
+    m = confusion_matrix(torch.tensor([2, 2, 1]), np.array([0, 2, 1]), 3)
+    np.testing.assert_array_equal(m, [[0, 0, 1], [0, 1, 0], [0, 0, 1]])
+    with pytest.raises(ValueError):
+        confusion_matrix([0, 3], [0, 1], 3)
+    with pytest.raises(ValueError):
+        confusion_matrix([0, 1], [0], 3)
+
+
+def test_corruption_table_reads_severity_blocks() -> None:
+    n = 4
+    labels = np.tile(np.arange(n), 5)
+    pred = labels.copy()
+    for s in range(5):                                 # severity s+1 has s wrong of 4
+        pred[s * n:s * n + s] = (pred[s * n:s * n + s] + 1) % 10
+    corrupted = {"gaussian_noise": encoded_images(pred.tolist()),
+                 "saturate": encoded_images(labels.tolist())}
+    table = corruption_table({"m": EncodedModel()}, corrupted, labels, batch_size=7, device=CPU)
+    np.testing.assert_allclose(table["m"]["gaussian_noise"], [1.0, 0.75, 0.5, 0.25, 0.0])
+    np.testing.assert_allclose(table["m"]["saturate"], [1.0] * 5)
+    with pytest.raises(ValueError):
+        severity_accuracy(np.ones(7))
+
+
+def hand_table(drop: tuple[str, ...] = ()) -> dict[str, list[float]]:
+    table = {name: [0.9, 0.8, 0.7, 0.6, 0.5] for name in STANDARD_CORRUPTIONS}
+    table["gaussian_noise"] = [0.4] * 5
+    table.update({name: [0.2] * 5 for name in EXTRA_CORRUPTIONS})
+    return {k: v for k, v in table.items() if k not in drop}
+
+
+def test_summary_separates_15_mean_19_mean_and_severities() -> None:
+    s = summarise_corruption(hand_table())
+    # 14 standard corruptions average 0.7, gaussian_noise 0.4, the 4 extras 0.2.
+    assert s["standard_mean"] == pytest.approx((14 * 0.7 + 0.4) / 15)
+    assert s["all_mean"] == pytest.approx((14 * 0.7 + 0.4 + 4 * 0.2) / 19)
+    assert s["extra_mean"] == pytest.approx(0.2)
+    assert s["standard_mean_complete"] and s["all_mean_complete"] and s["standard_missing"] == []
+    assert s["per_severity_standard"] == pytest.approx([(14 * a + 0.4) / 15 for a in (0.9, 0.8, 0.7, 0.6, 0.5)])
+    assert s["per_severity_all"] == pytest.approx([(14 * a + 0.4 + 0.8) / 19 for a in (0.9, 0.8, 0.7, 0.6, 0.5)])
+    assert s["per_corruption"]["gaussian_noise"] == pytest.approx(0.4)
+    assert s["per_corruption"]["fog"] == pytest.approx(0.7)
+
+
+def test_missing_frost_is_flagged_and_excluded() -> None:
+    s = summarise_corruption(hand_table(drop=("frost",)))
+    assert s["standard_mean_complete"] is False
+    assert s["standard_missing"] == ["frost"]
+    assert s["standard_count"] == 14
+    assert s["standard_mean"] == pytest.approx((13 * 0.7 + 0.4) / 14)
+    assert s["all_mean"] == pytest.approx((13 * 0.7 + 0.4 + 0.8) / 18)
+    assert s["all_mean_complete"] is False
+    only_extras = summarise_corruption({"spatter": [0.5] * 5})
+    assert only_extras["standard_mean"] is None and only_extras["extra_mean"] == pytest.approx(0.5)
+
+
+def test_summary_rejects_unknown_names_and_wrong_shapes() -> None:
+    with pytest.raises(ValueError, match="unknown"):
+        summarise_corruption({"rain": [0.5] * 5})
+    with pytest.raises(ValueError):
+        summarise_corruption({"fog": [0.5] * 4})
+
+
+def test_stratified_order_interleaves_classes() -> None:
+    # class 0 at positions 2, 4; class 1 at 0, 1, 5; class 2 at 3
+    assert stratified_order(np.array([1, 1, 0, 2, 0, 1])).tolist() == [2, 0, 3, 4, 1, 5]
+
+
+def test_gradcam_agreement_resizes_and_weights() -> None:
+    student = torch.tensor([[[1.0, 0.0], [0.0, 2.0]], [[0.0, 1.0], [0.0, 0.0]]])       # [B=2,2,2]
+    same = torch.repeat_interleave(torch.repeat_interleave(student, 2, dim=1), 2, dim=2)  # 4x4 blocks
+    orthogonal = torch.tensor([[[0.0, 3.0], [1.0, 0.0]], [[1.0, 0.0], [0.0, 1.0]]])
+    out = gradcam_agreement(student, [same, orthogonal], tau=0.5)
+    # a 2x2-block 4x4 map resizes (bilinear, factor 2) back exactly: cosine 1; the other is orthogonal.
+    np.testing.assert_allclose(out["similarity"].numpy(), [[1, 1], [0, 0]], atol=1e-6)
+    w0 = math.exp(2) / (math.exp(2) + 1)                 # softmax([1, 0] / 0.5)
+    np.testing.assert_allclose(out["weights"].numpy(), [[w0, w0], [1 - w0, 1 - w0]], rtol=1e-5)
+    np.testing.assert_allclose(out["dominant_fraction"].numpy(), [1.0, 0.0])
+
+
+def test_data_labels() -> None:
+    assert dataset_label({"source": {"kind": "cifar10-python"}}) == "CIFAR-10 (canonical)"
+    assert dataset_label({"source_kind": "cifar10-python"}) == "CIFAR-10 (canonical)"
+    mirror = {"source": {"kind": "image-folder", "sha256": ev.JPEG_MIRROR_SHA256, "lossy_jpeg": True}}
+    assert dataset_label(mirror) == "CIFAR-10 (JPEG q75 mirror)"
+    assert "image folder" in dataset_label({"source": {"kind": "image-folder", "sha256": "x", "lossy_jpeg": False}})
+    assert "image folder" in dataset_label({"source_kind": "image-folder"})
+    assert corruption_label({"kind": "official"}) == "CIFAR-10-C (official)"
+    assert corruption_label({"kind": "regenerated", "seed": 3}) == "CIFAR-10-C (regenerated, seed 3)"
+
+
+# --------------------------------------------------------------------------------------
+# The stage, end to end on tiny fixtures (2 ResNet teachers, 2 students, 20 images)
+
+
+def tiny_params(tmp_path):
+    from matekd.params import validate_params
+
+    recipe = {"epochs": 1, "batch_size": 8, "lr": 0.1}
+    return validate_params({
+        "profile": "test", "device": "cpu", "teachers": {"resnet20": recipe, "resnet56": recipe},
+        "distill": {"student": "resnet20", "kd_teacher": "resnet20", "recipe": recipe},
+        "ablation": {"methods": ["ce", "mate_kd"], "seeds": [0]},
+        "evaluate": {"batch_size": 16, "gradcam_images": 6, "grid_images": 2},
+        "tracking": {"enabled": False},
+    })
+
+
+@pytest.fixture
+def stage_files(tmp_path, monkeypatch):
+    from matekd.data import Prepared
+    from matekd.models import build_model
+    from matekd.storage import save_tensors
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MATEKD_TRACKING", "off")
+    rng = np.random.default_rng(0)
+    test_labels = np.tile(np.arange(10), 2).astype(np.int64)
+    test_images = rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+    empty = np.zeros((0, 32, 32, 3), np.uint8)
+    idx = np.zeros(0, np.int64)
+    prepared = Prepared(empty, idx, empty, idx, test_images, test_labels, idx, idx, np.arange(20),
+                        manifest={"source": {"kind": "image-folder", "sha256": ev.JPEG_MIRROR_SHA256,
+                                             "lossy_jpeg": True}}, manifest_hash="h" * 64)
+    n = 4
+    c_labels = np.tile(test_labels[:n], 5)
+    corrupted = {name: rng.integers(0, 256, (5 * n, 32, 32, 3), dtype=np.uint8)
+                 for name in ("gaussian_noise", "speckle_noise")}
+    c_manifest = {"kind": "regenerated", "seed": 3, "skipped": {"frost": "no textures"}}
+    monkeypatch.setattr(ev, "load_prepared", lambda *a, **k: prepared)
+    monkeypatch.setattr(ev, "_load_corrupted", lambda *a, **k: (corrupted, c_labels, c_manifest))
+    torch.manual_seed(0)
+    r20 = build_model("resnet20")
+    save_tensors("models/teachers/resnet20.safetensors", r20.state_dict(), {"architecture": "resnet20"})
+    save_tensors("models/teachers/resnet56.safetensors", build_model("resnet56").state_dict(),
+                 {"architecture": "resnet56"})
+    # the `distill` student is a copy of the resnet20 teacher: identical maps and predictions
+    save_tensors("models/student/distill.safetensors", r20.state_dict(),
+                 {"architecture": "resnet20", "method": "mate_kd", "seed": "0"})
+    save_tensors("models/student/ce-seed0.safetensors", build_model("resnet20").state_dict(),
+                 {"architecture": "resnet20", "method": "ce", "seed": "0"})
+    return tmp_path
+
+
+def test_run_evaluate_writes_every_model(stage_files) -> None:
+    params = tiny_params(stage_files)
+    out = stage_files / "metrics" / "eval"
+    out.mkdir(parents=True)
+    (out / "stale.json").write_text("{}")               # a removed model must not survive
+    results = ev.run_evaluate(params)
+    assert set(results) == {"resnet20", "resnet56", "student-distill", "student-ce-seed0"}
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(["resnet20.json", "resnet56.json", "student-distill.json", "student-ce-seed0.json",
+                            "gradcam-student-distill.json", "gradcam-student-distill.png",
+                            "gradcam-student-ce-seed0.json", "gradcam-student-ce-seed0.png"])
+    entry = json.loads((out / "student-distill.json").read_text())
+    cm = np.asarray(entry["confusion_matrix"])
+    assert cm.shape == (10, 10) and cm.sum() == 20
+    assert entry["test_acc"] == pytest.approx(np.trace(cm) / 20)
+    assert entry["dataset"] == "CIFAR-10 (JPEG q75 mirror)"
+    assert entry["corruption_dataset"] == "CIFAR-10-C (regenerated, seed 3)"
+    assert entry["cifar10c_skipped"] == {"frost": "no textures"}
+    assert entry["profile"] == "test" and entry["test_images"] == 20
+    assert entry["method"] == "mate_kd" and entry["seed"] == 0 and entry["params"] > 0
+    c = entry["cifar10c"]
+    assert c["standard_mean_complete"] is False and "frost" in c["standard_missing"]
+    assert c["standard_mean"] == pytest.approx(c["per_corruption"]["gaussian_noise"])
+    assert c["extra_mean"] == pytest.approx(c["per_corruption"]["speckle_noise"])
+    teacher = json.loads((out / "resnet20.json").read_text())
+    assert teacher["confusion_matrix"] == entry["confusion_matrix"]   # same weights, same predictions
+    assert teacher["cifar10c"]["accuracy"] == c["accuracy"]
+    g = json.loads((out / "gradcam-student-distill.json").read_text())
+    assert g["images"] == 6 and g["teachers"] == ["resnet20", "resnet56"]
+    # identical maps: cosine 1, except where an untrained net's ReLU'd map is all zero (cosine 0)
+    sims = np.array(g["per_image"]["similarity"]["resnet20"])
+    assert np.all(np.isclose(sims, 1.0, atol=1e-5) | np.isclose(sims, 0.0)) and np.isclose(sims, 1.0).any()
+    weights = np.array([g["per_image"]["weight"][t] for t in g["teachers"]])
+    np.testing.assert_allclose(weights.sum(0), 1.0, rtol=1e-5)
+    assert sorted(g["per_image"]["label"]) == sorted(range(6))  # classes interleaved: 6 different classes
+    assert sum(g["dominant_fraction"].values()) == pytest.approx(1.0)
+
+    from matekd.report import run_report
+
+    run_report(params)
+    md = (stage_files / "reports" / "results.md").read_text()
+    assert "CIFAR-10 (JPEG q75 mirror)" in md and "frost skipped" in md
+    assert (stage_files / "reports" / "figures" / "gradcam-student-distill.png").exists()
