@@ -153,6 +153,9 @@ def test_data_labels() -> None:
     assert "image folder" in dataset_label({"source_kind": "image-folder"})
     assert corruption_label({"kind": "official"}) == "CIFAR-10-C (official)"
     assert corruption_label({"kind": "regenerated", "seed": 3}) == "CIFAR-10-C (regenerated, seed 3)"
+    base = {"kind": "regenerated", "array_sha256": {"fog": "a"}, "labels_sha256": "l", "seconds": {"fog": 1.0}}
+    assert ev.corruption_digest(base) == ev.corruption_digest({**base, "seconds": {"fog": 9.0}})
+    assert ev.corruption_digest(base) != ev.corruption_digest({**base, "array_sha256": {"fog": "b"}})
 
 
 # --------------------------------------------------------------------------------------
@@ -192,7 +195,10 @@ def stage_files(tmp_path, monkeypatch):
     c_labels = np.tile(test_labels[:n], 5)
     corrupted = {name: rng.integers(0, 256, (5 * n, 32, 32, 3), dtype=np.uint8)
                  for name in ("gaussian_noise", "speckle_noise")}
-    c_manifest = {"kind": "regenerated", "seed": 3, "skipped": {"frost": "no textures"}}
+    for array in corrupted.values():
+        array.setflags(write=False)                    # load_corrupted memory-maps read-only .npy files
+    c_manifest = {"kind": "regenerated", "seed": 3, "skipped": {"frost": "no textures"},
+                  "prepared_manifest_sha256": "h" * 64}
     monkeypatch.setattr(ev, "load_prepared", lambda *a, **k: prepared)
     monkeypatch.setattr(ev, "_load_corrupted", lambda *a, **k: (corrupted, c_labels, c_manifest))
     torch.manual_seed(0)
@@ -225,7 +231,7 @@ def test_run_evaluate_writes_every_model(stage_files) -> None:
     assert entry["test_acc"] == pytest.approx(np.trace(cm) / 20)
     assert entry["dataset"] == "CIFAR-10 (JPEG q75 mirror)"
     assert entry["corruption_dataset"] == "CIFAR-10-C (regenerated, seed 3)"
-    assert entry["cifar10c_skipped"] == {"frost": "no textures"}
+    assert entry["cifar10c_skipped"] == {"frost": "no textures"} and entry["cifar10c_matches_prepared"] is True
     assert entry["profile"] == "test" and entry["test_images"] == 20
     assert entry["method"] == "mate_kd" and entry["seed"] == 0 and entry["params"] > 0
     c = entry["cifar10c"]

@@ -132,7 +132,9 @@ def test_report_renders_every_table_with_labels(fixture_root) -> None:
                               "accuracy-per-severity.png", "gradcam-student-distill.png",
                               "teacher-weights-distill.png", "teacher-weights-mate_kd-seed0.png"])
     assert not stale.exists()                            # reports/ is rebuilt, not patched
-    assert "## Missing" not in md                        # every expected input is present
+    missing = md.split("## Missing or inconsistent inputs")[1].split("\n## ")[0]
+    assert [line for line in missing.splitlines() if line.startswith("- ")] == [
+        "- ablation runs missing (1 of 6): kd-seed1; run `dvc repro ablation`"]
 
 
 def test_report_csv_paired_differences_match_hand_computation(fixture_root) -> None:

@@ -30,7 +30,8 @@ def _params(args: argparse.Namespace):
 def cmd_fetch(args):
     from .data import fetch
 
-    fetch(args.source, download=args.download)
+    result = fetch(args.source, download=args.download)
+    print(f"data/: {result.action} {result.path} ({result.kind}); dvc: {result.dvc}")
 
 
 def cmd_prepare(args):

@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -54,7 +55,7 @@ __all__ = [
     "STANDARD_CORRUPTIONS", "EXTRA_CORRUPTIONS", "ALL_CORRUPTIONS", "confusion_matrix",
     "per_class_accuracy", "evaluate_predictions", "evaluate_clean", "severity_accuracy",
     "corruption_table", "summarise_corruption", "stratified_order", "gradcam_agreement",
-    "dataset_label", "corruption_label", "atomic_dir", "run_evaluate",
+    "dataset_label", "corruption_label", "corruption_digest", "atomic_dir", "run_evaluate",
 ]
 
 
@@ -198,6 +199,8 @@ def corruption_table(models: Mapping[str, nn.Module], corrupted: Mapping[str, np
         if images.shape[0] != y.shape[0]:
             raise MatekdError(f"CIFAR-10-C {corruption}: {images.shape[0]} images but {y.shape[0]} labels; "
                               "rerun `dvc repro corrupt`")
+        if isinstance(images, np.ndarray) and not images.flags.writeable:
+            images = np.array(images)   # memory-mapped read-only .npy: torch wants a writable array
         x = to_device_tensor(images, device)
         for name, model in models.items():
             correct = predict_logits(model, x, batch_size, device).argmax(1) == y
@@ -237,6 +240,16 @@ def dataset_label(manifest: Mapping[str, Any]) -> str:
             return "CIFAR-10 (image folder)"
         return "CIFAR-10 (image folder; maybe the JPEG q75 mirror)"
     return f"CIFAR-10 (unknown source: {kind})" if kind else "CIFAR-10 (unknown source)"
+
+
+def corruption_digest(manifest: Mapping[str, Any]) -> str:
+    """sha256 identifying a CIFAR-10-C set: of its array hashes when the manifest records
+    them, else of the manifest without its timings."""
+    if manifest.get("array_sha256"):
+        content: Any = {"arrays": manifest["array_sha256"], "labels": manifest.get("labels_sha256")}
+    else:
+        content = {k: v for k, v in manifest.items() if k != "seconds"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def corruption_label(manifest: Mapping[str, Any]) -> str:
@@ -371,11 +384,16 @@ def gradcam_figure(images: np.ndarray, labels: np.ndarray, student_maps: torch.T
     return fig
 
 
-def _save_figure(fig, path: Path) -> None:
+def _png_bytes(fig) -> bytes:
+    """Render and close a figure (many students must not keep many figures open)."""
+    import io
+
     import matplotlib.pyplot as plt
 
-    fig.savefig(path, format="png")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
+    return buffer.getvalue()
 
 
 # --------------------------------------------------------------------------------------
@@ -396,7 +414,13 @@ def run_evaluate(params: Params, prepared_dir: str | Path = "prepared", corrupte
     num_classes = len(data.class_names)
     data_label, c_label = dataset_label(data.manifest), corruption_label(c_manifest)
     skipped = dict(c_manifest.get("skipped") or {})
-    c_hash = hashlib.sha256(json.dumps(c_manifest, sort_keys=True, default=str).encode()).hexdigest()
+    c_hash = corruption_digest(c_manifest)
+    # corrupt records which prepared data it was built from; a mismatch means a stale cifar10c/.
+    c_source = c_manifest.get("prepared_manifest_sha256")
+    c_matches = None if c_source is None else c_source == data.manifest_hash
+    if c_matches is False:
+        warnings.warn(f"{corrupted_dir} was built from other prepared data ({c_source[:12]}, now "
+                      f"{data.manifest_hash[:12]}); rerun `dvc repro corrupt` for matching CIFAR-10-C")
     c_images = int(c_labels.shape[0]) // SEVERITIES
     results: dict[str, dict] = {}
     with stage(params, name="evaluate", run_name="evaluate", data_hash=data.manifest_hash,
@@ -416,6 +440,7 @@ def run_evaluate(params: Params, prepared_dir: str | Path = "prepared", corrupte
                   "dataset_sha256": data.manifest_hash, "cifar10c_manifest_sha256": c_hash,
                   "cifar10c_kind": c_manifest.get("kind"), "cifar10c_seed": c_manifest.get("seed"),
                   "cifar10c_images_per_severity": c_images, "cifar10c_skipped": skipped,
+                  "cifar10c_matches_prepared": c_matches,
                   "device": device_name(device), "params_sha256": params.digest()}
         for name, model in models.items():
             clean = evaluate_clean(model, test_x, data.test_labels, cfg.batch_size, device, num_classes)
@@ -437,15 +462,15 @@ def run_evaluate(params: Params, prepared_dir: str | Path = "prepared", corrupte
         with atomic_dir(root / EVAL_DIR) as tmp:
             for name, entry in results.items():
                 write_json(tmp / f"{name}.json", entry)
-            for name, (summary, fig) in gradcam.items():
+            for name, (summary, png) in gradcam.items():
                 write_json(tmp / f"gradcam-{name}.json", summary)
-                _save_figure(fig, tmp / f"gradcam-{name}.png")
+                (tmp / f"gradcam-{name}.png").write_bytes(png)
         _log(ctx.run, root / EVAL_DIR, results, {n: s for n, (s, _) in gradcam.items()})
     return results
 
 
 def _gradcam_analysis(params: Params, data, teachers: dict[str, nn.Module], students: dict[str, nn.Module],
-                      device: torch.device) -> dict[str, tuple[dict, Any]]:
+                      device: torch.device) -> dict[str, tuple[dict, bytes]]:
     """Per student: agreement of its Grad-CAM maps with each teacher's on the first
     evaluate.gradcam_images test images (classes interleaved), targets = true labels."""
     if not students or not teachers:
@@ -457,7 +482,7 @@ def _gradcam_analysis(params: Params, data, teachers: dict[str, nn.Module], stud
     names = list(teachers)
     teacher_maps = [cams_in_batches(m, images, targets, cfg.batch_size, device) for m in teachers.values()]
     rows = min(cfg.grid_images, order.size)
-    out: dict[str, tuple[dict, Any]] = {}
+    out: dict[str, tuple[dict, bytes]] = {}
     for student_name, student in students.items():
         student_maps = cams_in_batches(student, images, targets, cfg.batch_size, device)
         agree = gradcam_agreement(student_maps, teacher_maps, dcfg.similarity_temperature, kind=dcfg.similarity,
@@ -481,7 +506,7 @@ def _gradcam_analysis(params: Params, data, teachers: dict[str, nn.Module], stud
                              agree["weights"][:, :rows], names, data.class_names,
                              f"{student_name}: Grad-CAM vs teachers (s = {dcfg.similarity}, "
                              f"w = softmax(s/{dcfg.similarity_temperature:g}))")
-        out[student_name] = (_clean(summary), fig)
+        out[student_name] = (_clean(summary), _png_bytes(fig))
     return out
 
 

@@ -229,12 +229,14 @@ def _format_error(exc: ValidationError, raw: dict) -> str:
             msg = "unknown key (not in the schema; check the spelling)"
         elif err["type"] == "missing":
             msg = "required key is missing"
-        shown = "" if value is _MISSING else f" = {value!r}"
-        lines.append(f"{loc or '<root>'}{shown}: {msg}")
+        # A whole section's repr would bury the message; its validator names the keys itself.
+        shown = "" if value is _MISSING or len(repr(value)) > _MAX_SHOWN else f" = {value!r}"
+        lines.append(f"{loc}{shown}: {msg}" if loc else msg)
     return "invalid params: " + "; ".join(lines)
 
 
 _MISSING = object()
+_MAX_SHOWN = 120
 
 
 def _lookup(raw: Any, loc: tuple) -> Any:

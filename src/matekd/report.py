@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 import shutil
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -20,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import MatekdError
-from .evaluate import ALL_CORRUPTIONS, EXTRA_CORRUPTIONS, STANDARD_CORRUPTIONS, atomic_dir
+from .evaluate import EXTRA_CORRUPTIONS, STANDARD_CORRUPTIONS, atomic_dir
 from .params import METHODS, Params
 from .storage import read_json, write_text
 
@@ -331,6 +332,10 @@ def data_labels(inputs: Inputs, params: Params) -> Labels:
     datasets, corruptions, profiles = unique("dataset"), unique("corruption_dataset"), unique("profile")
     if len(datasets) > 1 or len(corruptions) > 1:
         notes.append("models were evaluated on different data: " + "; ".join(datasets + corruptions))
+    stale = sorted(e.get("model", "?") for e in evals if e.get("cifar10c_matches_prepared") is False)
+    if stale:
+        notes.append(f"CIFAR-10-C was built from other prepared data than the test set of {', '.join(stale)}; "
+                     "rerun `dvc repro corrupt evaluate`")
     skipped: dict[str, str] = {}
     for e in evals:
         skipped.update(e.get("cifar10c_skipped") or {})
@@ -381,7 +386,7 @@ def confusion_figure(matrix: Sequence[Sequence[int]], class_names: Sequence[str]
     ax.set_xticks(range(len(class_names)), class_names, rotation=60, fontsize=7)
     ax.set_yticks(range(len(class_names)), class_names, fontsize=7)
     ax.set(xlabel="predicted", ylabel="true")
-    ax.set_title(title, fontsize=8)
+    ax.set_title(textwrap.fill(title, int(12 * fig.get_figwidth())), fontsize=8)
     _save(fig, path)
 
 
@@ -395,7 +400,7 @@ def lines_figure(frame: pd.DataFrame, xlabel: str, title: str, path: Path, rotat
     ax.set_xticks(x, [str(i) for i in frame.index], rotation=60 if rotate else 0, fontsize=7,
                   ha="right" if rotate else "center")
     ax.set(xlabel=xlabel, ylabel="accuracy (%)")
-    ax.set_title(title, fontsize=8)
+    ax.set_title(textwrap.fill(title, int(12 * fig.get_figwidth())), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
     _save(fig, path)
@@ -406,8 +411,11 @@ def weights_figure(frame: pd.DataFrame, title: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=90)
     for column in frame.columns:
         ax.plot(frame.index, frame[column].to_numpy(dtype=float), marker="o", markersize=3, label=column)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="epoch", ylabel="mean teacher weight")
-    ax.set_title(title, fontsize=8)
+    ax.set_title(textwrap.fill(title, int(12 * fig.get_figwidth())), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     _save(fig, path)
@@ -544,7 +552,7 @@ def _build(inputs: Inputs, params: Params, out: Path) -> dict[str, Any]:
             long += [{"table": "severity", "model": model, "metric": f"severity{i}" if i != "clean" else "clean",
                       "value": _num(per_s.loc[i, model])} for i in per_s.index]
         lines_figure(per_c.drop(index=["mean (15 standard)", "mean (all 19)"]).dropna(how="all"), "corruption",
-                     f"Accuracy per corruption, mean over severities ({labels.heading()})",
+                     f"Accuracy per corruption, mean over severities 1-5 ({labels.heading()})",
                      figures / "accuracy-per-corruption.png", rotate=True)
         lines_figure(per_s, "severity", f"Accuracy per severity, standard corruptions ({labels.heading()})",
                      figures / "accuracy-per-severity.png")
@@ -576,9 +584,10 @@ def _build(inputs: Inputs, params: Params, out: Path) -> dict[str, Any]:
 
     # missing inputs and provenance
     if missing:
-        md.insert(1, "## Missing or inconsistent inputs\n\n" + "".join(f"- {m}\n" for m in missing))
+        md.insert(2 if labels.profile == "quick" else 1,
+                  "## Missing or inconsistent inputs\n\n" + "".join(f"- {m}\n" for m in missing))
     md.append(_provenance(inputs, params, frame))
-    write_text(out / "results.md", "\n".join(md))
+    write_text(out / "results.md", re.sub(r"\n{3,}", "\n\n", "\n".join(md)).strip() + "\n")
     csv = pd.DataFrame(long, columns=["table", "model", "metric", "value"])
     csv.to_csv(out / "results.csv", index=False)
     headline = {}
@@ -678,7 +687,8 @@ def _provenance(inputs: Inputs, params: Params, frame: pd.DataFrame) -> str:
              f"- prepared data (manifest sha256): {', '.join(f'`{h}`' for h in data_hashes) or 'unknown'}",
              f"- CIFAR-10-C manifest sha256: {', '.join(f'`{h}`' for h in c_hashes) or 'unknown'}",
              f"- device(s): {', '.join(devices) or 'unknown'}",
-             f"- git commit: `{git['git_commit']}` (uncommitted changes: {git['git_dirty']})",
+             f"- git commit: `{git['git_commit']}`"
+             + (f" (uncommitted changes: {git['git_dirty']})" if git["git_commit"] != "unknown" else ""),
              "- accuracies: top-1 on the prepared test split; CIFAR-10-C accuracies per corruption x severity "
              "on the corrupt stage's images; all runs tracked in MLflow (experiment "
              f"`{params.tracking.experiment}`).",

@@ -34,6 +34,17 @@ def repo_root() -> Path:
     return here
 
 
+def _file_mode() -> int:
+    """0o666 less the process umask (read once: os.umask can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()
+CHECKSUM_KEY = "matekd.sha256"  # safetensors metadata entry: hash of the tensors + other metadata
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
@@ -47,6 +58,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        if tmp.is_file():
+            os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; outputs get the usual umask mode
         os.replace(tmp, target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -91,30 +104,54 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
                  metadata: dict[str, str] | None = None) -> None:
     """Save tensors as safetensors, atomically. Metadata values must be strings."""
     contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    if CHECKSUM_KEY in meta:
+        raise ValueError(f"metadata key {CHECKSUM_KEY!r} is reserved")
+    # safetensors has no checksum, so a flipped bit in the data would load silently.
+    meta[CHECKSUM_KEY] = _tensors_checksum(contiguous, meta)
     with atomic_path(path) as tmp:
-        save_file(contiguous, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        save_file(contiguous, str(tmp), metadata=meta)
+
+
+def _tensors_checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """sha256 over names, dtypes, shapes and raw bytes (any dtype, bfloat16 included) and the metadata."""
+    digest = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode())
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no copy
+    return digest.hexdigest()
 
 
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu"
                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Load a safetensors file (never a pickle). Corrupt or missing files raise MatekdError."""
+    """Load a safetensors file (never a pickle). Corrupt or missing files raise MatekdError;
+    files written by `save_tensors` are checked against their stored checksum."""
     path = Path(path)
     if not path.exists():
         raise MatekdError(f"missing file {path}")
     try:
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt", device=str(device)) as handle:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = dict(handle.metadata() or {})
-        tensors = load_file(str(path), device=str(device))
+        tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise MatekdError(f"{path} is not a valid safetensors file ({exc}); "
                           "delete it and rerun the stage that writes it") from exc
+    stored = metadata.pop(CHECKSUM_KEY, None)
+    if stored is not None and stored != _tensors_checksum(tensors, metadata):
+        raise MatekdError(f"{path} is corrupt (its contents do not match the checksum written with it); "
+                          "delete it and rerun the stage that writes it")
+    if torch.device(device).type != "cpu":
+        tensors = {k: v.to(device) for k, v in tensors.items()}
     return tensors, metadata
 
 
 def safe_torch_load(path: str | os.PathLike) -> Any:
     """Load a non-safetensors checkpoint without executing code (weights_only=True)."""
+    if not Path(path).exists():
+        raise MatekdError(f"missing file {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle.UnpicklingError and friends

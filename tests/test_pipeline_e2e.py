@@ -1,0 +1,159 @@
+"""End to end: `dvc repro` of the whole pipeline in a temporary copy of the repository with
+the tiny profile, then the MLflow store, a no-op second repro and a one-teacher param change.
+
+Uses the CIFAR-10 archive named by MATEKD_CIFAR10 (CI: the JPEG mirror) or, without it, a
+small synthetic image-folder archive.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers_data import write_image_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+COPIED = ["src", "dvc.yaml", "profiles", "pyproject.toml", ".dvcignore", ".gitignore", "tuning"]
+
+pytestmark = pytest.mark.slow
+
+
+def _env(repo: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["MATEKD_TRACKING"] = "on"
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["OMP_NUM_THREADS"] = "2"
+    return env
+
+
+def _run(repo: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(cmd), cwd=repo, env=_env(repo), capture_output=True, text=True, timeout=1800)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("repo")
+    for name in COPIED:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        elif src.exists():
+            shutil.copy2(src, repo / name)
+    shutil.copy2(ROOT / "profiles" / "tiny.yaml", repo / "params.yaml")
+    archive = os.environ.get("MATEKD_CIFAR10")
+    if not archive or not Path(archive).exists():
+        archive = str(repo.parent / "synthetic-cifar.tar.gz")
+        write_image_folder(archive, train_per_class=10, test_per_class=4)
+    _run(repo, "git", "init", "-q")
+    _run(repo, "git", "config", "user.email", "ci@example.invalid")
+    _run(repo, "git", "config", "user.name", "ci")
+    _run(repo, "dvc", "init", "-q")
+    _run(repo, "matekd", "fetch", archive)
+    _run(repo, "git", "add", "-A")
+    _run(repo, "git", "commit", "-qm", "tiny pipeline")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def first_repro(repo):
+    return _run(repo, "dvc", "repro")
+
+
+def _client(repo: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("matekd")
+    assert experiment is not None, "no MLflow experiment 'matekd' in the repo's store"
+    return client, experiment.experiment_id
+
+
+def _runs(repo: Path, stage: str):
+    client, exp = _client(repo)
+    return client, client.search_runs([exp], filter_string=f"tags.stage = '{stage}'", max_results=1000)
+
+
+def test_repro_writes_every_output(repo, first_repro):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    expected = [repo / "prepared" / "manifest.json", repo / "prepared" / "cifar10.safetensors",
+                repo / "reports" / "results.md", repo / "reports" / "results.csv"]
+    for name in params["teachers"]:
+        expected += [repo / "models" / "teachers" / f"{name}.safetensors",
+                     repo / "metrics" / "teachers" / f"{name}.json",
+                     repo / "plots" / "teachers" / f"{name}.csv",
+                     repo / "cams" / f"{name}.safetensors"]
+    for method in params["ablation"]["methods"]:
+        for seed in params["ablation"]["seeds"]:
+            expected += [repo / "models" / "student" / f"{method}-seed{seed}.safetensors",
+                         repo / "metrics" / "student" / f"{method}-seed{seed}.json"]
+    expected.append(repo / "models" / "student" / "distill.safetensors")
+    missing = [str(p.relative_to(repo)) for p in expected if not p.exists()]
+    assert not missing, f"missing outputs: {missing}\n{first_repro.stdout[-3000:]}"
+
+
+def test_mlflow_holds_one_run_per_teacher_with_per_epoch_metrics(repo, first_repro):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    client, runs = _runs(repo, "train_teacher")
+    assert sorted(r.data.tags["model"] for r in runs) == sorted(params["teachers"])
+    for run in runs:
+        epochs = params["teachers"][run.data.tags["model"]]["epochs"]
+        for key in ("val_acc", "train_loss", "train_acc", "lr", "images_per_second"):
+            history = client.get_metric_history(run.info.run_id, key)
+            assert [m.step for m in history] == list(range(1, epochs + 1)), key
+        for tag in ("git_commit", "git_dirty", "dataset_sha256", "profile", "device", "torch_version",
+                    "params_sha256"):
+            assert run.data.tags.get(tag), tag
+        assert run.data.params["teachers.resnet20.lr"] == str(params["teachers"]["resnet20"]["lr"])
+        assert run.info.status == "FINISHED"
+
+
+def test_mlflow_distill_runs_log_all_terms_teacher_statistics_and_histograms(repo, first_repro):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    client, runs = _runs(repo, "distill")
+    methods = sorted(r.data.tags["method"] for r in runs)
+    assert methods == sorted(params["ablation"]["methods"] + [params["distill"]["method"]])
+    mate = [r for r in runs if r.data.tags["method"] == "mate_kd"][0]
+    keys = set(mate.data.metrics)
+    for term in ("total", "ce", "kd", "attr"):
+        assert f"step/{term}" in keys and f"train_{term}" in keys, term
+        assert len(client.get_metric_history(mate.info.run_id, f"step/{term}")) >= 1
+    for teacher in params["teachers"]:
+        for stat in ("weight_mean", "weight_std", "dominant_fraction", "similarity_mean", "similarity_std"):
+            assert f"train_{stat}/{teacher}" in keys, (stat, teacher)
+    assert "train_entropy" in keys and "val_acc" in keys and "test_acc" in keys and "lr" in keys
+    images = [a.path for a in client.list_artifacts(mate.info.run_id, "images")]
+    assert images, "no teacher-weight histogram image logged"
+    histograms = [a.path for a in client.list_artifacts(mate.info.run_id, "histograms")]
+    assert len(histograms) == params["distill"]["recipe"]["epochs"]
+    ce = [r for r in runs if r.data.tags["method"] == "ce"][0]
+    assert {"train_total", "train_ce", "train_kd", "train_attr"} <= set(ce.data.metrics)
+
+
+def test_second_repro_does_nothing(repo, first_repro):
+    client, before = _runs(repo, "train_teacher")
+    proc = _run(repo, "dvc", "repro")
+    assert "Running stage" not in proc.stdout, proc.stdout
+    _, after = _runs(repo, "train_teacher")
+    assert len(after) == len(before)
+
+
+def test_changing_one_teacher_reruns_only_that_teacher(repo, first_repro):
+    params_path = repo / "params.yaml"
+    params = yaml.safe_load(params_path.read_text())
+    params["teachers"]["resnet56"]["lr"] = 0.02
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    status = _run(repo, "dvc", "status").stdout
+    assert "train_teacher@resnet56" in status and "train_teacher@resnet20" not in status, status
+    proc = _run(repo, "dvc", "repro", "train_teacher@resnet20", "train_teacher@resnet56")
+    assert "Running stage 'train_teacher@resnet56'" in proc.stdout
+    assert "Running stage 'train_teacher@resnet20'" not in proc.stdout
