@@ -230,3 +230,19 @@ def test_digest_tracks_values(tmp_path: Path, base: dict) -> None:
     assert load_params(path).digest() == first  # deterministic
     assert load_params(path, overrides={"distill.ce_weight": 0.31}).digest() != first
     assert load_params(path, overrides={"teachers.resnet110.epochs": 4}).digest() != first
+
+
+def test_override_below_a_plain_value(tmp_path: Path, base: dict) -> None:
+    with pytest.raises(ParamsError, match=r"distill\.ce_weight = 0\.3 is a value, not a section"):
+        load_params(write(tmp_path, base), overrides={"distill.ce_weight.x": 1})
+
+
+def test_override_with_empty_key_part(tmp_path: Path, base: dict) -> None:
+    with pytest.raises(ParamsError, match="empty part"):
+        load_params(write(tmp_path, base), overrides={"distill..ce_weight": 0.5})
+
+
+def test_override_creates_nothing_it_should_not(tmp_path: Path, base: dict) -> None:
+    """A new teacher through an override still needs a full recipe."""
+    with pytest.raises(ParamsError, match=r"teachers\.resnet56\.batch_size: required key is missing"):
+        load_params(write(tmp_path, base), overrides={"teachers.resnet56.epochs": 1})

@@ -7,66 +7,24 @@ small synthetic image-folder archive.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from helpers_data import write_image_folder
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-COPIED = ["src", "dvc.yaml", "profiles", "pyproject.toml", ".dvcignore", ".gitignore", "tuning"]
+from helpers_repo import make_repo, run
 
 pytestmark = pytest.mark.slow
 
 
-def _env(repo: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env["MATEKD_TRACKING"] = "on"
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["OMP_NUM_THREADS"] = "2"
-    return env
-
-
-def _run(repo: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(cmd), cwd=repo, env=_env(repo), capture_output=True, text=True, timeout=1800)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    repo = tmp_path_factory.mktemp("repo")
-    for name in COPIED:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        elif src.exists():
-            shutil.copy2(src, repo / name)
-    shutil.copy2(ROOT / "profiles" / "tiny.yaml", repo / "params.yaml")
-    archive = os.environ.get("MATEKD_CIFAR10")
-    if not archive or not Path(archive).exists():
-        archive = str(repo.parent / "synthetic-cifar.tar.gz")
-        write_image_folder(archive, train_per_class=10, test_per_class=4)
-    _run(repo, "git", "init", "-q")
-    _run(repo, "git", "config", "user.email", "ci@example.invalid")
-    _run(repo, "git", "config", "user.name", "ci")
-    _run(repo, "dvc", "init", "-q")
-    _run(repo, "matekd", "fetch", archive)
-    _run(repo, "git", "add", "-A")
-    _run(repo, "git", "commit", "-qm", "tiny pipeline")
-    return repo
+    return make_repo(tmp_path_factory.mktemp("e2e") / "repo")
 
 
 @pytest.fixture(scope="module")
 def first_repro(repo):
-    return _run(repo, "dvc", "repro")
+    return run(repo, "dvc", "repro")
 
 
 def _client(repo: Path):
@@ -141,7 +99,7 @@ def test_mlflow_distill_runs_log_all_terms_teacher_statistics_and_histograms(rep
 
 def test_second_repro_does_nothing(repo, first_repro):
     client, before = _runs(repo, "train_teacher")
-    proc = _run(repo, "dvc", "repro")
+    proc = run(repo, "dvc", "repro")
     assert "Running stage" not in proc.stdout, proc.stdout
     _, after = _runs(repo, "train_teacher")
     assert len(after) == len(before)
@@ -152,8 +110,8 @@ def test_changing_one_teacher_reruns_only_that_teacher(repo, first_repro):
     params = yaml.safe_load(params_path.read_text())
     params["teachers"]["resnet56"]["lr"] = 0.02
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-    status = _run(repo, "dvc", "status").stdout
+    status = run(repo, "dvc", "status").stdout
     assert "train_teacher@resnet56" in status and "train_teacher@resnet20" not in status, status
-    proc = _run(repo, "dvc", "repro", "train_teacher@resnet20", "train_teacher@resnet56")
+    proc = run(repo, "dvc", "repro", "train_teacher@resnet20", "train_teacher@resnet56")
     assert "Running stage 'train_teacher@resnet56'" in proc.stdout
     assert "Running stage 'train_teacher@resnet20'" not in proc.stdout

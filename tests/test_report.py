@@ -213,3 +213,18 @@ def test_report_without_any_input_raises(tmp_path, monkeypatch) -> None:
     with pytest.raises(MatekdError, match="dvc repro"):
         run_report(params())
     assert not (tmp_path / "reports").exists()
+
+
+def test_report_with_training_metrics_only(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MATEKD_TRACKING", "off")
+    write(tmp_path / "metrics/teachers/resnet110.json", {"model": "resnet110", "test_acc": 0.5, "params": 1_700_000,
+                                                         "size_mb": 6.8, "dataset_sha256": "e" * 64})
+    write(tmp_path / "metrics/student/distill.json", {"model": "student-distill", "method": "mate_kd", "seed": 0,
+                                                      "test_acc": 0.4, "params": 270000, "size_mb": 1.1})
+    run_report(params())
+    md = (tmp_path / "reports" / "results.md").read_text()
+    assert "| resnet110 | 50.00 | 1.70M | 6.80 | – | – |" in md
+    assert "student-distill (mate_kd, seed 0) | 40.00" in md
+    assert "metrics/eval/resnet110.json is missing" in md and "dvc repro ablation" in md
+    assert "No metrics/eval files" in md and "dataset unknown" in md and "e" * 64 in md

@@ -13,7 +13,7 @@ import torch.nn as nn
 from helpers_data import write_image_folder
 from matekd import runtime
 from matekd.attribution import grad_cam
-from matekd.augment import crop_flip, sample_crop_flip, shift_maps, to_device_tensor, variant_index
+from matekd.augment import crop_flip, sample_crop_flip, shift_maps, variant_index
 from matekd.cache import load_cache, run_cache, variant_logits
 from matekd.data import load_prepared, run_prepare
 from matekd.errors import CacheError, MatekdError

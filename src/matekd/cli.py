@@ -15,13 +15,18 @@ def _overrides(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep:
+        if not sep or not key.strip():
             raise MatekdError(f"--set expects key=value, got {pair!r}")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise MatekdError(f"--set {key.strip()}: {value!r} is not a valid YAML value "
+                              f"({str(exc).splitlines()[0]})") from exc
     return out
 
 
 def _params(args: argparse.Namespace):
+    """Validated params; stages call it before importing torch, so bad params fail at once."""
     from .params import load_params
 
     return load_params(args.params, _overrides(args.set))
@@ -35,58 +40,67 @@ def cmd_fetch(args):
 
 
 def cmd_prepare(args):
+    params = _params(args)
     from .data import run_prepare
 
-    run_prepare(_params(args))
+    run_prepare(params)
 
 
 def cmd_train_teacher(args):
+    params = _params(args)
     from .teachers import run_train_teacher
 
-    run_train_teacher(_params(args), args.name, progress=not args.no_progress)
+    run_train_teacher(params, args.name, progress=not args.no_progress)
 
 
 def cmd_cache(args):
+    params = _params(args)
     from .cache import run_cache
 
-    run_cache(_params(args), args.name)
+    run_cache(params, args.name)
 
 
 def cmd_distill(args):
+    params = _params(args)
     from .student import run_distill
 
-    run_distill(_params(args), method=args.method, seed=args.seed, output_name=args.output_name,
+    run_distill(params, method=args.method, seed=args.seed, output_name=args.output_name,
                 progress=not args.no_progress)
 
 
 def cmd_corrupt(args):
+    params = _params(args)
     from .corrupt import run_corrupt
 
-    run_corrupt(_params(args))
+    run_corrupt(params)
 
 
 def cmd_evaluate(args):
+    params = _params(args)
     from .evaluate import run_evaluate
 
-    run_evaluate(_params(args))
+    run_evaluate(params)
 
 
 def cmd_report(args):
+    params = _params(args)
     from .report import run_report
 
-    run_report(_params(args))
+    run_report(params)
 
 
 def cmd_tune(args):
+    params = _params(args)
     from .tune import run_tune
 
-    run_tune(_params(args), storage=args.storage, workers=args.workers, n_trials=args.n_trials)
+    run_tune(params, storage=args.storage, workers=args.workers, n_trials=args.n_trials)
 
 
 def cmd_bench(args):
+    params = _params(args)
     from .bench import run_bench
 
-    run_bench(_params(args), batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup)
+    run_bench(params, batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup)
 
 
 def build_parser() -> argparse.ArgumentParser:

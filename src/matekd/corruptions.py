@@ -148,6 +148,14 @@ def _pad(x: np.ndarray, r: int, mode: str, **kw) -> np.ndarray:
     return np.pad(x, width, mode=mode, **kw)
 
 
+def gather_pixels(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """x[n, rows[n, i, j], cols[n, i, j]] for x (N, H, W, ...) and in-range int indices
+    broadcastable to (N, H', W'); a flat np.take, several times faster than 3-way fancy indexing."""
+    n, h, w = x.shape[:3]
+    idx = (np.arange(n).reshape(-1, 1, 1) * h + rows) * w + cols
+    return np.take(x.reshape(n * h * w, *x.shape[3:]), idx, axis=0)
+
+
 def correlate_spatial(x: np.ndarray, kernel: np.ndarray, mode: str = "reflect") -> np.ndarray:
     """Correlate each image (axes 1, 2) with an odd square kernel; `mode` is np.pad's.
 
@@ -204,7 +212,7 @@ def motion_blur_batch(x: np.ndarray, radius: float, sigma: float, angles_deg: np
     the pixel at (column + ceil(i*cos(a) - 0.5), row + ceil(i*sin(a) - 0.5)) with edge
     replication, using ImageMagick's own offset arithmetic. Returns float (not rounded).
     """
-    n, h, w = x.shape[:3]
+    h, w = x.shape[1:3]
     width = int(2 * math.ceil(radius) + 1)
     taps = np.arange(width, dtype=np.float64)
     kernel = np.exp(-(taps * taps) / (2.0 * sigma * sigma)) / (math.sqrt(2 * math.pi) * sigma)
@@ -214,13 +222,12 @@ def motion_blur_batch(x: np.ndarray, radius: float, sigma: float, angles_deg: np
     hyp = np.hypot(px, py)
     off_x = np.ceil(taps[None, :] * py[:, None] / hyp[:, None] - 0.5).astype(np.int64)  # (N, width)
     off_y = np.ceil(taps[None, :] * px[:, None] / hyp[:, None] - 0.5).astype(np.int64)
-    n_idx = np.arange(n)[:, None, None]
     rows0, cols0 = np.arange(h), np.arange(w)
     out = np.zeros(x.shape, dtype=np.float64)
     for t in range(width):
         rows = np.clip(rows0[None, :] + off_y[:, t, None], 0, h - 1)
         cols = np.clip(cols0[None, :] + off_x[:, t, None], 0, w - 1)
-        out += kernel[t] * x[n_idx, rows[:, :, None], cols[:, None, :]]
+        out += kernel[t] * gather_pixels(x, rows[:, :, None], cols[:, None, :])
     return out
 
 
@@ -376,12 +383,11 @@ def glass_blur(images: np.ndarray, severity: int, rng: np.random.Generator | Non
         deltas = glass_blur_deltas(rng, n, severity)
     x = _to_uint8(gaussian_filter_nearest(images / 255.0, sigma) * 255)
     pos = np.arange(IMAGE_SIZE - delta, delta, -1)  # 31 .. 2, scan order
-    n_idx = np.arange(n)[:, None, None]
     for it in range(iterations):
         dx, dy = deltas[:, it, ..., 0], deltas[:, it, ..., 1]
         rows = pos[None, :, None] + dy
         cols = pos[None, None, :] + dx
-        x[n_idx, pos[None, :, None], pos[None, None, :]] = x[n_idx, rows, cols]
+        x[:, pos[:, None], pos[None, :]] = gather_pixels(x, rows, cols)  # all reads before any write
     return _finish(gaussian_filter_nearest(x / 255.0, sigma))
 
 
@@ -595,18 +601,23 @@ def distance_transform_chamfer5(sources: np.ndarray, cap: float) -> np.ndarray:
     rounds (each move costs >= 1), so the capped result is exact. Outside the image is not a
     source. Returns float32 distances, capped.
     """
-    big = np.int64(1) << 40
-    d = np.where(sources, np.int64(0), big)
-    h, w = d.shape[1], d.shape[2]
-    moves = [(di, dj) for di in range(-2, 3) for dj in range(-2, 3) if (di * di + dj * dj) in _CHAMFER]
+    big = np.int32(1 << 30)  # "no source yet"; big + the largest weight still fits in int32
+    h, w = sources.shape[1], sources.shape[2]
+    padded = np.full((sources.shape[0], h + 4, w + 4), big, dtype=np.int32)
+    d = padded[:, 2:2 + h, 2:2 + w]
+    d[...] = np.where(sources, 0, big)
+    moves = [(di, dj, np.int32(_CHAMFER[di * di + dj * dj])) for di in range(-2, 3) for dj in range(-2, 3)
+             if (di * di + dj * dj) in _CHAMFER]
+    new = np.empty_like(d)
+    tmp = np.empty_like(d)
     for _ in range(int(math.ceil(cap))):
-        p = _pad(d, 2, "constant", constant_values=big)
-        new = d.copy()
-        for di, dj in moves:
-            np.minimum(new, p[:, 2 + di:2 + di + h, 2 + dj:2 + dj + w] + _CHAMFER[di * di + dj * dj], out=new)
+        new[...] = d
+        for di, dj, weight in moves:
+            np.add(padded[:, 2 + di:2 + di + h, 2 + dj:2 + dj + w], weight, out=tmp)
+            np.minimum(new, tmp, out=new)
         if np.array_equal(new, d):
             break
-        d = new
+        d[...] = new
     dist = np.where(d >= big, np.float32(1e9), (d * (1.0 / (1 << _CHAMFER_SHIFT))).astype(np.float32))
     return np.minimum(dist, np.float32(cap))
 
@@ -713,7 +724,7 @@ def affine_warp_cv2(x: np.ndarray, matrices: np.ndarray) -> np.ndarray:
     and the source coordinates are computed with OpenCV's fixed-point arithmetic (1/1024,
     then rounded to 1/32 of a pixel), so the sampling positions match OpenCV exactly.
     """
-    n, h, w = x.shape[:3]
+    h, w = x.shape[1:3]
     m = matrices.astype(np.float64)
     det = m[:, 0, 0] * m[:, 1, 1] - m[:, 0, 1] * m[:, 1, 0]
     det = np.where(det != 0, 1.0 / np.where(det != 0, det, 1), 0.0)
@@ -733,25 +744,23 @@ def affine_warp_cv2(x: np.ndarray, matrices: np.ndarray) -> np.ndarray:
     iy, fy = yy >> 5, (yy & 31).astype(np.float32) / np.float32(32)
     c0, c1 = _reflect101(ix, w), _reflect101(ix + 1, w)
     r0, r1 = _reflect101(iy, h), _reflect101(iy + 1, h)
-    nidx = np.arange(n)[:, None, None]
     wx, wy = fx[..., None], fy[..., None]
-    return ((x[nidx, r0, c0] * (1 - wx) + x[nidx, r0, c1] * wx) * (1 - wy)
-            + (x[nidx, r1, c0] * (1 - wx) + x[nidx, r1, c1] * wx) * wy).astype(np.float32)
+    return ((gather_pixels(x, r0, c0) * (1 - wx) + gather_pixels(x, r0, c1) * wx) * (1 - wy)
+            + (gather_pixels(x, r1, c0) * (1 - wx) + gather_pixels(x, r1, c1) * wx) * wy).astype(np.float32)
 
 
 def map_coordinates_reflect(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """scipy.ndimage.map_coordinates(order=1, mode='reflect') on each image of (N, H, W, C)
     at per-pixel coordinates rows, cols (N, H, W); channels share the coordinates."""
-    n, h, w = x.shape[:3]
+    h, w = x.shape[1:3]
     r0f, c0f = np.floor(rows), np.floor(cols)
     fr, fc = (rows - r0f)[..., None], (cols - c0f)[..., None]
     r0, c0 = r0f.astype(np.int64), c0f.astype(np.int64)
     ra, rb = _reflect_half(r0, h), _reflect_half(r0 + 1, h)
     ca, cb = _reflect_half(c0, w), _reflect_half(c0 + 1, w)
-    nidx = np.arange(n)[:, None, None]
     xd = x.astype(np.float64)
-    return ((xd[nidx, ra, ca] * (1 - fc) + xd[nidx, ra, cb] * fc) * (1 - fr)
-            + (xd[nidx, rb, ca] * (1 - fc) + xd[nidx, rb, cb] * fc) * fr)
+    return ((gather_pixels(xd, ra, ca) * (1 - fc) + gather_pixels(xd, ra, cb) * fc) * (1 - fr)
+            + (gather_pixels(xd, rb, ca) * (1 - fc) + gather_pixels(xd, rb, cb) * fc) * fr)
 
 
 _ELASTIC_PTS = np.array([[26, 26], [26, 6], [6, 6]], dtype=np.float32)  # (x, y) control points

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from .errors import DataError, MatekdError, ParamsError
-from .storage import load_tensors, save_tensors, sha256_array, sha256_file, write_json
+from .storage import atomic_dir, load_tensors, save_tensors, sha256_array, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -613,31 +613,6 @@ def _counts(labels: np.ndarray) -> dict[str, int]:
     return {name: int(n) for name, n in zip(CLASS_NAMES, counts)}
 
 
-@contextlib.contextmanager
-def _atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; swap it onto `target` only if the block succeeds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    old: Path | None = None
-    try:
-        yield tmp
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.replace(target, old / target.name)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if old is not None:
-                os.replace(old / target.name, target)
-            raise
-    except OSError as exc:
-        raise MatekdError(f"cannot write {target}: {exc.strerror or exc}") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
 def run_prepare(params: Any, data_dir: str | os.PathLike = "data",
                 out_dir: str | os.PathLike = "prepared") -> dict:
     """Stage prepare: read data/, draw seeded stratified train/val/test, write prepared/.
@@ -684,7 +659,7 @@ def run_prepare(params: Any, data_dir: str | os.PathLike = "data",
     import torch
 
     out = Path(out_dir)
-    with _atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         save_tensors(tmp / PREPARED_FILE, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()},
                      metadata={"format": "matekd-prepared-1"})
         write_json(tmp / MANIFEST_FILE, manifest)

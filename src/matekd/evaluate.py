@@ -12,16 +12,13 @@ separately, and so are per-corruption and per-severity accuracies.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +32,7 @@ from .errors import MatekdError
 from .models import build_model, count_parameters, model_size_mb
 from .params import Params
 from .runtime import device_name, stage
-from .storage import load_tensors, write_json
+from .storage import atomic_dir, load_tensors, write_json
 from .teachers import load_teacher
 from .train import device_labels, model_input, predict_logits, prepare_model
 
@@ -263,36 +260,6 @@ def corruption_label(manifest: Mapping[str, Any]) -> str:
 
 # --------------------------------------------------------------------------------------
 # Files
-
-
-@contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temporary sibling folder; swap it onto `target` only if the block succeeds
-    (the previous content is removed then, so stale files never survive)."""
-    target = Path(target)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    except OSError as exc:
-        raise MatekdError(f"cannot write {target}: {exc.strerror or exc}") from exc
-    old: Path | None = None
-    try:
-        yield tmp
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.replace(target, old / target.name)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if old is not None:
-                os.replace(old / target.name, target)
-            raise
-    except OSError as exc:
-        raise MatekdError(f"cannot write {target}: {exc.strerror or exc}") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _as_numpy(x: np.ndarray | torch.Tensor | Sequence) -> np.ndarray:

@@ -252,10 +252,16 @@ def _lookup(raw: Any, loc: tuple) -> Any:
 
 
 def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.c` in a nested dict, creating missing sections; a key below a plain value fails."""
     node = tree
     parts = dotted.split(".")
-    for part in parts[:-1]:
+    if not all(parts):
+        raise ParamsError(f"override key {dotted!r} has an empty part")
+    for depth, part in enumerate(parts[:-1]):
         node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            prefix = ".".join(parts[:depth + 1])
+            raise ParamsError(f"override key {dotted!r}: {prefix} = {node!r} is a value, not a section")
     node[parts[-1]] = value
 
 

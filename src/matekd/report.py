@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 
 from .errors import MatekdError
-from .evaluate import EXTRA_CORRUPTIONS, STANDARD_CORRUPTIONS, atomic_dir
+from .evaluate import EXTRA_CORRUPTIONS, STANDARD_CORRUPTIONS
+from .storage import atomic_dir
 from .params import METHODS, Params
 from .storage import read_json, write_text
 

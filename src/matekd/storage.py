@@ -10,6 +10,8 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
+import struct
 import tarfile
 import tempfile
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .errors import MatekdError
 
@@ -69,6 +71,36 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary sibling folder; swap it onto `target` only if the block succeeds
+    (the previous content is removed then, so stale files never survive)."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as exc:
+        raise MatekdError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    old: Path | None = None
+    try:
+        yield tmp
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, old / target.name)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if old is not None:
+                os.replace(old / target.name, target)
+            raise
+    except OSError as exc:
+        raise MatekdError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
@@ -110,7 +142,20 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     # safetensors has no checksum, so a flipped bit in the data would load silently.
     meta[CHECKSUM_KEY] = _tensors_checksum(contiguous, meta)
     with atomic_path(path) as tmp:
-        save_file(contiguous, str(tmp), metadata=meta)
+        tmp.write_bytes(_canonical_header(save(contiguous, metadata=meta)))
+
+
+def _canonical_header(blob: bytes) -> bytes:
+    """Rewrite the safetensors JSON header with sorted keys. safetensors serialises it from a
+    hash map whose order changes between processes, so identical tensors would otherwise give
+    files with different bytes (and DVC would see a changed output)."""
+    (size,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data section stays 8-byte aligned
+    return struct.pack("<Q", len(text)) + text + blob[8 + size:]
 
 
 def _tensors_checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
@@ -119,7 +164,8 @@ def _tensors_checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     for key in sorted(tensors):
         tensor = tensors[key].detach().to("cpu").contiguous()
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no copy
+        if tensor.numel():  # an empty tensor has no bytes (and cannot be viewed as uint8)
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no copy
     return digest.hexdigest()
 
 

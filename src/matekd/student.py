@@ -26,7 +26,7 @@ from .params import Params
 from .runtime import digest_of, stage, write_history_csv
 from .storage import save_tensors, write_json
 from .teachers import load_teacher
-from .train import (PAD, Batch, FitResult, StepOutput, device_labels, fit, predict_logits, prepare_model)
+from .train import PAD, Batch, FitResult, StepOutput, device_labels, fit, prepare_model
 from .tracking import NullRun
 
 TEACHERLESS = {"ce"}

@@ -39,21 +39,30 @@ def tracking_uri() -> str:
     return f"sqlite:///{store / 'mlflow.db'}"
 
 
-def artifact_root() -> str:
+def artifact_root(uri: str | None = None) -> str:
+    """Artifact folder of a SQLite store: `artifacts/` beside its database file (so a store
+    named by MLFLOW_TRACKING_URI keeps its artifacts with it), else `<repo>/mlruns/artifacts`."""
+    if uri and uri.startswith("sqlite:///") and ":memory:" not in uri:
+        database = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+        return (database.resolve().parent / "artifacts").as_uri()
     return (repo_root() / "mlruns" / "artifacts").as_uri()
 
 
 def git_state() -> dict[str, str]:
     """Commit and dirty flag of the repo; 'unknown' outside git."""
     root = repo_root()
+    unknown = {"git_commit": "unknown", "git_dirty": "unknown"}
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0 or not head.stdout.strip():
+            return unknown  # not a repository, or no commit yet
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return {"git_commit": "unknown", "git_dirty": "unknown"}
-    return {"git_commit": commit, "git_dirty": str(bool(dirty)).lower()}
+        return unknown
+    dirty = str(bool(status.stdout.strip())).lower() if status.returncode == 0 else "unknown"
+    return {"git_commit": head.stdout.strip(), "git_dirty": dirty}
 
 
 def installed_packages() -> str:
@@ -152,25 +161,47 @@ def _client_for(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+# MLflow's HTTP defaults (7 retries, 120 s timeout, doubling back-off) would keep a stage waiting
+# for minutes on a dead server; unless the user set them, the first contact fails within ~20 s
+# (3 tries of at most 5 s plus 3 s of back-off) and later logging calls within ~35 s.
+_PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+              "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+_RUN_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+@contextlib.contextmanager
+def _env_defaults(values: dict[str, str]) -> Iterator[None]:
+    """Set the environment variables the user left unset, for the duration of the block."""
+    added = [key for key in values if key not in os.environ]
+    os.environ.update({key: values[key] for key in added})
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
 def experiment_id(client: Any, name: str, uri: str) -> str:
     """Get or create the experiment; an unreachable store fails with the URI and the off switch."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     try:
-        experiment = client.get_experiment_by_name(name)
-        if experiment is not None:
-            return experiment.experiment_id
-        location = artifact_root() if uri.startswith("sqlite:") else None
-        try:
-            return client.create_experiment(name, artifact_location=location)
-        except Exception:  # another process created it first
+        with _env_defaults(_PROBE_ENV):
             experiment = client.get_experiment_by_name(name)
-            if experiment is None:
-                raise
-            return experiment.experiment_id
+            if experiment is not None:
+                return experiment.experiment_id
+            location = artifact_root(uri) if uri.startswith("sqlite:") else None
+            try:
+                return client.create_experiment(name, artifact_location=location)
+            except Exception:  # another process created it first
+                experiment = client.get_experiment_by_name(name)
+                if experiment is None:
+                    raise
+                return experiment.experiment_id
     except Exception as exc:
         raise TrackingError(f"MLflow tracking store {uri} is unreachable ({type(exc).__name__}: {exc}); "
                             f"start it, point MLFLOW_TRACKING_URI elsewhere, or run with {OFF_SWITCH}") from exc
+    finally:
+        for key, value in _RUN_ENV.items():
+            os.environ.setdefault(key, value)
 
 
 @contextlib.contextmanager

@@ -191,6 +191,7 @@ def fit(*, model: nn.Module, step_fn: StepFn, recipe: Recipe, train_images: torc
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             start_epoch, history, seconds = state["epoch"], list(state["history"]), state["seconds"]
+            tqdm.write(f"{desc}: resuming from {checkpoint} after epoch {start_epoch}")
     images_seen = 0
     train_seconds = 0.0
     for epoch in range(start_epoch, recipe.epochs):

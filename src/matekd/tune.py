@@ -53,6 +53,7 @@ POLL_S = 1.0
 ATTR_HOST, ATTR_PID, ATTR_SESSION, ATTR_WORKER = "matekd.host", "matekd.pid", "matekd.session", "matekd.worker"
 ATTR_EPOCH = "matekd.epoch."  # + 3-digit epoch: that epoch's record (val_acc, train_loss, ...)
 ATTR_DIVERGED = "matekd.diverged"
+ATTR_ERROR = "matekd.error"
 # Study user attributes.
 ATTR_SIGNATURE = "matekd.signature"
 ATTR_PARENT_RUN, ATTR_TRACKING_URI = "matekd.mlflow_parent_run_id", "matekd.mlflow_tracking_uri"
@@ -71,7 +72,12 @@ RELEVANT: dict[str, set[str]] = {
     "weight_decay": {"ce", *TEACHER_METHODS},
 }
 
+MAX_CONSECUTIVE_FAILURES = 3  # a worker stops when this many of its trials in a row crash
 Trainer = Callable[..., Any]  # signature of matekd.student.train_student
+
+
+class TrialCrashed(Exception):
+    """A trial raised an unexpected error: it is marked FAIL and the study goes on."""
 
 
 # --------------------------------------------------------------------------------------
@@ -395,6 +401,12 @@ def make_objective(params: Params, data: Any, device: Any, trainer: Trainer, ses
             # A diverged run cannot recover; pruning (not failing) lets TPE learn to avoid the region.
             trial.set_user_attr(ATTR_DIVERGED, str(exc))
             raise optuna.TrialPruned(f"training diverged: {exc}") from None
+        except (MatekdError, optuna.TrialPruned):
+            raise  # user-facing problems (missing cache, ...) stop the study
+        except Exception as exc:
+            message = f"{type(exc).__name__}: {exc}"
+            trial.set_user_attr(ATTR_ERROR, message[:2000])
+            raise TrialCrashed(message) from exc
         if "val_acc" not in last:
             raise MatekdError("the student training reported no epoch")
         return last["val_acc"]
@@ -432,7 +444,7 @@ def run_worker(job: WorkerJob, on_trial_end: Callable[[Any, Any], None] | None =
                                 sampler=make_sampler(tune, job.worker), pruner=make_pruner(tune),
                                 load_if_exists=True)
     objective = make_objective(params, data, device, trainer, job.session, job.worker)
-    ran = 0
+    ran, failures = 0, 0
     memo = _SignalsMemo()
     with memo.installed(), warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -441,9 +453,21 @@ def run_worker(job: WorkerJob, on_trial_end: Callable[[Any, Any], None] | None =
             state = counts(study)
             if state["finished"] + state["running"] >= job.target:
                 break
-            study.optimize(objective, n_trials=1, callbacks=[on_trial_end] if on_trial_end else None)
+            study.optimize(objective, n_trials=1, catch=(TrialCrashed,),
+                           callbacks=[on_trial_end] if on_trial_end else None)
             ran += 1
+            last = max(study.get_trials(deepcopy=False), key=_mine(job.session, os.getpid()))
+            failures = failures + 1 if last.state == optuna.trial.TrialState.FAIL else 0
+            if failures >= MAX_CONSECUTIVE_FAILURES:
+                raise MatekdError(f"{failures} trials in a row failed (last: trial {last.number}, "
+                                  f"{last.user_attrs.get(ATTR_ERROR, 'see the log above')}); stopping this "
+                                  "worker. Fix the error, then run `matekd tune` again to resume")
     return ran
+
+
+def _mine(session: str, pid: int) -> Callable[[Any], tuple]:
+    """Sort key that ranks this worker's latest trial highest."""
+    return lambda t: (t.user_attrs.get(ATTR_SESSION) == session and t.user_attrs.get(ATTR_PID) == pid, t.number)
 
 
 def _worker_process(job: WorkerJob, errors: Any) -> None:
@@ -519,6 +543,8 @@ class TrialLogger:
             tags["optuna.retry_of"] = str(trial.system_attrs["failed_trial"])
         if ATTR_DIVERGED in trial.user_attrs:
             tags["diverged"] = trial.user_attrs[ATTR_DIVERGED][:500]
+        if ATTR_ERROR in trial.user_attrs:
+            tags["error"] = trial.user_attrs[ATTR_ERROR][:500]
         created = client.create_run(self.experiment, run_name=f"trial {trial.number:03d}",
                                     start_time=_ms(trial.datetime_start), tags=tags)
         run_id = created.info.run_id
@@ -629,13 +655,17 @@ def log_study_summary(run: Any, study: Any, summary: dict, seed: int) -> None:
 
 
 def _importance_evaluator(seed: int):
+    """PED-ANOVA (Optuna 5's default): deterministic and without scikit-learn; fANOVA with a
+    fixed seed on older Optuna."""
     import optuna
 
+    if hasattr(optuna.importance, "PedAnovaImportanceEvaluator"):
+        return optuna.importance.PedAnovaImportanceEvaluator()
     return optuna.importance.FanovaImportanceEvaluator(seed=seed)
 
 
 def importances(study: Any, seed: int) -> dict[str, float]:
-    """fANOVA importances of the completed trials ({} with fewer than two or a flat objective)."""
+    """Parameter importances of the completed trials ({} with fewer than two)."""
     import optuna
 
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -645,7 +675,7 @@ def importances(study: Any, seed: int) -> dict[str, float]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             values = optuna.importance.get_param_importances(study, evaluator=_importance_evaluator(seed))
-    except (ValueError, RuntimeError, ZeroDivisionError):
+    except (ValueError, RuntimeError, ZeroDivisionError, ImportError):
         return {}
     return {k: float(v) for k, v in values.items() if math.isfinite(v)}
 

@@ -1,0 +1,86 @@
+"""Fault injection on the real pipeline: determinism of the teacher and student stages and
+SIGKILL mid-training followed by `dvc repro`, which must resume and end bit-identical."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers_repo import make_repo, repo_env, run
+from matekd.storage import safe_torch_load, sha256_file
+
+pytestmark = pytest.mark.slow
+TIMING = ("seconds", "images_per_second")
+
+STAGES = {
+    "teacher": ("train_teacher@resnet20", "models/teachers/resnet20.safetensors",
+                "metrics/teachers/resnet20.json", "checkpoints/teachers/resnet20.pt"),
+    "student": ("distill", "models/student/distill.safetensors", "metrics/student/distill.json",
+                "checkpoints/student/distill.pt"),
+}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    overrides = {
+        "teachers": {"resnet20": {"epochs": 4, "batch_size": 16, "lr": 0.05, "eval_batch_size": 64}},
+        "distill.kd_teacher": "resnet20",
+        "distill.recipe.epochs": 4,
+        "data.train_per_class": 12,
+        "tracking.enabled": False,
+    }
+    repo = make_repo(tmp_path_factory.mktemp("rel") / "repo", overrides=overrides, synthetic=True)
+    run(repo, "dvc", "repro", "distill")
+    return repo
+
+
+def _outputs(repo: Path, which: str) -> tuple[str, dict]:
+    _, weights, metrics, _ = STAGES[which]
+    data = json.loads((repo / metrics).read_text())
+    return sha256_file(repo / weights), {k: v for k, v in data.items() if k not in TIMING}
+
+
+def _fresh_run(repo: Path, which: str) -> None:
+    stage, _, _, checkpoint = STAGES[which]
+    (repo / checkpoint).unlink(missing_ok=True)
+    run(repo, "dvc", "repro", "-f", "-s", stage)
+
+
+@pytest.mark.parametrize("which", ["teacher", "student"])
+def test_same_params_and_seed_give_bit_identical_weights_and_metrics(repo, which):
+    first = _outputs(repo, which)
+    _fresh_run(repo, which)
+    assert _outputs(repo, which) == first
+
+
+@pytest.mark.parametrize("which", ["teacher", "student"])
+def test_sigkill_then_dvc_repro_resumes_and_matches_an_uninterrupted_run(repo, which):
+    stage, weights, _, checkpoint = STAGES[which]
+    reference = _outputs(repo, which)
+    (repo / checkpoint).unlink(missing_ok=True)
+    proc = subprocess.Popen(["dvc", "repro", "-f", "-s", stage], cwd=repo, env=repo_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline:
+            path = repo / checkpoint
+            if path.exists() and safe_torch_load(path)["epoch"] >= 2:
+                break
+            assert proc.poll() is None, "the stage finished before it could be killed"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    killed_at = safe_torch_load(repo / checkpoint)["epoch"]
+    assert 2 <= killed_at < 4
+    assert not (repo / weights).exists()  # nothing half-written that a later stage could load
+    resumed = run(repo, "dvc", "repro", stage)
+    assert "resuming from checkpoints" in resumed.stdout + resumed.stderr
+    assert f"after epoch {killed_at}" in resumed.stdout + resumed.stderr
+    assert _outputs(repo, which) == reference
