@@ -348,6 +348,21 @@ def test_plasma_fractal_is_scaled_per_map():
     assert not np.allclose(maps[0], maps[1])
 
 
+def test_snow_whitens_and_spatter_adds_water_or_mud(images):
+    for severity in C.SEVERITIES:
+        snowy = C.corrupt(images, "snow", severity, 0).astype(int)
+        assert (snowy.mean(axis=(1, 2, 3)) >= images.mean(axis=(1, 2, 3))).all()
+    for severity in (1, 2, 3):  # water only adds turquoise (float32 truncation may lose 1)
+        wet = C.corrupt(images, "spatter", severity, 0).astype(int)
+        assert (wet >= images.astype(int) - 1).all() and (wet > images).any()
+    brown = np.array([63, 42, 20])
+    for severity in (4, 5):  # mud replaces pixels by a blend with weight >= 0.8 on brown
+        muddy = C.corrupt(images, "spatter", severity, 0).astype(int)
+        changed = (muddy != images).any(axis=-1)
+        assert changed.any()
+        assert (np.abs(muddy[changed] - brown) <= 0.2 * 255 + 1).all()
+
+
 # ----------------------------------------------------------------------------- spatter helpers
 
 def test_canny_step_edge_is_one_pixel_wide():
@@ -538,6 +553,17 @@ def test_stage_leaves_nothing_on_failure(tmp_path, monkeypatch):
     assert "gaussian_noise" in calls
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar10c"]
     assert [p.name for p in out.iterdir()] == ["old.txt"]
+
+
+def test_stage_replaces_a_previous_output_completely(tmp_path):
+    out = tmp_path / "cifar10c"
+    stage.run_corrupt(make_params(corruptions=["contrast", "fog"]), out_dir=out, prepared=fake_prepared(),
+                      progress=False)
+    manifest = stage.run_corrupt(make_params(corruptions=["fog"], seed=2), out_dir=out,
+                                 prepared=fake_prepared(), progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["fog.npy", "labels.npy", "manifest.json"]
+    assert manifest["seed"] == 2 and stage.load_corrupted(out)[2]["corruptions"] == ["fog"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar10c"]
 
 
 def test_stage_rejects_unknown_corruptions(tmp_path):

@@ -64,13 +64,10 @@ def test_atomic_path_replaces_on_success(tmp_path: Path) -> None:
 
 
 def test_atomic_path_gives_the_umask_mode(tmp_path: Path) -> None:
-    old = os.umask(0o022)
-    try:
-        write_json(tmp_path / "m.json", {"a": 1})
-    finally:
-        os.umask(old)
-    # mkstemp creates 0600; an output must be readable like any other file written with umask 022
-    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
+    # mkstemp creates 0600; an output must get the mode of any other file this process writes
+    (tmp_path / "plain.txt").write_text("x")
+    write_json(tmp_path / "m.json", {"a": 1})
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777
 
 
 def test_atomic_path_in_read_only_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -237,7 +237,7 @@ def test_ctrl_c_marks_the_run_killed(client) -> None:
 @pytest.fixture
 def no_sleep(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     slept: list[float] = []
-    monkeypatch.setattr(tracking.time, "sleep", slept.append)
+    monkeypatch.setattr(tracking, "_sleep", slept.append)
     return slept
 
 

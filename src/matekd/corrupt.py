@@ -192,7 +192,7 @@ def run_corrupt(params: Params, prepared_dir: str | Path = "prepared", out_dir: 
         "images": n, "severities": list(SEVERITIES), "seed": cp.seed,
         "images_per_class": cp.images_per_class, "test_index": test_index.tolist(),
         "prepared_manifest_sha256": prepared.manifest_hash, "prepared_source_kind": source_kind,
-        "versions": _versions(), "skipped": {}, "seconds": {},
+        "versions": _versions(), "skipped": {}, "seconds": {}, "cpu_seconds": {},
     }
     out = Path(out_dir)
     build = out.parent / f".{out.name}.partial"
@@ -251,13 +251,14 @@ def _write_regenerated(images: np.ndarray, names: list[str], seed: int, frost_di
                 continue
             manifest["frost"] = {"dir": str(Path(frost_dir).resolve()),
                                  "sha256": {f.name: sha256_file(f) for f in files}}
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         out = np.empty((5 * n, *IMAGE_SHAPE), dtype=np.uint8)
         for s in SEVERITIES:
             out[(s - 1) * n:s * n] = corrupt(images, name, s, seed, frost_dir=frost_dir or None)
         np.save(build / f"{name}.npy", out, allow_pickle=False)
         seconds = time.perf_counter() - start
         manifest["seconds"][name] = round(seconds, 3)
+        manifest["cpu_seconds"][name] = round(time.process_time() - cpu_start, 3)
         written.append(name)
         if progress:
             print(f"corrupt: {name:<18} {seconds:7.1f} s", file=sys.stderr)

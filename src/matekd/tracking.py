@@ -23,6 +23,7 @@ from .storage import repo_root
 
 OFF_SWITCH = "MATEKD_TRACKING=off (or tracking.enabled: false in params.yaml)"
 _RETRIES = 3
+_sleep = time.sleep  # the retry back-off; tests replace it (patching time.sleep would hit mlflow's threads)
 
 
 def tracking_enabled(enabled_param: bool = True) -> bool:
@@ -108,7 +109,7 @@ class MlflowRun(NullRun):
                 if attempt == _RETRIES - 1:
                     warnings.warn(f"MLflow: {what} failed after {_RETRIES} tries ({exc}); training goes on")
                     return
-                time.sleep(0.5 * 2 ** attempt)
+                _sleep(0.5 * 2 ** attempt)
 
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         from mlflow.entities import Metric

@@ -182,16 +182,22 @@ class StorageSpec:
             # Optuna < 4.9 calls the stale-trial callback `failed_trial_callback`.
             callback = ("heartbeat_stale_trial_callback" if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
                         else "failed_trial_callback")
-            try:
-                return optuna.storages.RDBStorage(
-                    self.target, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL_S,
-                    grace_period=GRACE_PERIOD_S, **{callback: retry_trial})
-            except ImportError as exc:
-                raise MatekdError(f"Optuna storage {self.shown} needs a database driver that is not installed "
-                                  f"({exc.__cause__ or exc}); for PostgreSQL: pip install psycopg2-binary") from exc
-            except Exception as exc:  # sqlalchemy errors: unreachable server, bad credentials
-                raise MatekdError(f"cannot open Optuna storage {self.shown}: {type(exc).__name__}: "
-                                  f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+            for attempt in range(5):
+                try:
+                    return optuna.storages.RDBStorage(
+                        self.target, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                        grace_period=GRACE_PERIOD_S, **{callback: retry_trial})
+                except ImportError as exc:
+                    raise MatekdError(f"Optuna storage {self.shown} needs a database driver that is not installed "
+                                      f"({exc.__cause__ or exc}); for PostgreSQL: pip install psycopg2-binary") from exc
+                except Exception as exc:  # sqlalchemy errors: unreachable server, bad credentials
+                    # Two processes creating the tables of a new database at once: the loser retries.
+                    if "already exists" in str(exc) and attempt < 4:
+                        time.sleep(0.2 * (attempt + 1))
+                        continue
+                    raise MatekdError(f"cannot open Optuna storage {self.shown}: {type(exc).__name__}: "
+                                      f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+            raise AssertionError("unreachable")
 
 
 def _mask(url: str) -> str:
@@ -200,6 +206,20 @@ def _mask(url: str) -> str:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _with_driver(url: str) -> str:
+    """`postgresql://` through whichever driver is installed (SQLAlchemy 2.1 defaults to
+    psycopg 3, 2.0 to psycopg2; matekd's `postgres` extra installs psycopg2-binary)."""
+    import importlib.util
+
+    scheme, rest = url.split("://", 1)
+    if scheme.lower() not in ("postgresql", "postgres"):
+        return url
+    for module, driver in (("psycopg2", "psycopg2"), ("psycopg", "psycopg")):
+        if importlib.util.find_spec(module) is not None:
+            return f"postgresql+{driver}://{rest}"
+    return f"postgresql://{rest}"
 
 
 JOURNAL_SUFFIXES = (".log", ".jsonl", ".journal")
@@ -224,7 +244,7 @@ def resolve_storage(text: str) -> StorageSpec:
             if db and db != ":memory:":
                 Path(db).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
             return StorageSpec("sqlite", text, text)
-        return StorageSpec("rdb", text, _mask(text))
+        return StorageSpec("rdb", _with_driver(text), _mask(text))
     path = Path(text).expanduser().resolve()
     if path.suffix in JOURNAL_SUFFIXES:
         return StorageSpec("journal", str(path), f"journal:{path}")
@@ -438,7 +458,11 @@ def run_worker(job: WorkerJob, on_trial_end: Callable[[Any, Any], None] | None =
     if trainer is None:
         from .student import train_student as trainer
     device = resolve_device(params.device)
-    configure_determinism(params.distill.seed, params.deterministic)
+    if params.deterministic:
+        configure_determinism(params.distill.seed, True)
+    else:  # what configure_determinism(False) sets, minus the seconds-long import it triggers
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.deterministic = False
     data = load_prepared(job.prepared_dir)
     study = optuna.create_study(study_name=tune.study_name, storage=job.storage.open(), direction="maximize",
                                 sampler=make_sampler(tune, job.worker), pruner=make_pruner(tune),
@@ -902,5 +926,5 @@ def _run_processes(jobs: list[WorkerJob], study: Any, logger: TrialLogger) -> No
     if messages:
         raise MatekdError("; ".join(messages))
     if crashed:
-        raise MatekdError(f"{'; '.join(crashed)}; its trial was marked failed and queued again. "
+        raise MatekdError(f"{'; '.join(crashed)}; a trial it was running is marked failed and queued again. "
                           "Run `matekd tune` again to finish the study")
