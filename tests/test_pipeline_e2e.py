@@ -63,16 +63,16 @@ def test_mlflow_holds_one_run_per_teacher_with_per_epoch_metrics(repo, first_rep
     params = yaml.safe_load((repo / "params.yaml").read_text())
     client, runs = _runs(repo, "train_teacher")
     assert sorted(r.data.tags["model"] for r in runs) == sorted(params["teachers"])
-    for run in runs:
-        epochs = params["teachers"][run.data.tags["model"]]["epochs"]
+    for teacher_run in runs:
+        epochs = params["teachers"][teacher_run.data.tags["model"]]["epochs"]
         for key in ("val_acc", "train_loss", "train_acc", "lr", "images_per_second"):
-            history = client.get_metric_history(run.info.run_id, key)
+            history = client.get_metric_history(teacher_run.info.run_id, key)
             assert [m.step for m in history] == list(range(1, epochs + 1)), key
         for tag in ("git_commit", "git_dirty", "dataset_sha256", "profile", "device", "torch_version",
                     "params_sha256"):
-            assert run.data.tags.get(tag), tag
-        assert run.data.params["teachers.resnet20.lr"] == str(params["teachers"]["resnet20"]["lr"])
-        assert run.info.status == "FINISHED"
+            assert teacher_run.data.tags.get(tag), tag
+        assert teacher_run.data.params["teachers.resnet20.lr"] == str(params["teachers"]["resnet20"]["lr"])
+        assert teacher_run.info.status == "FINISHED"
 
 
 def test_mlflow_distill_runs_log_all_terms_teacher_statistics_and_histograms(repo, first_repro):

@@ -10,7 +10,6 @@ target and renamed into place only when complete, so a failure leaves the previo
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -23,7 +22,8 @@ from .corruptions import (CORRUPTIONS, EXTRA_4, SEVERITIES, STANDARD_15, FrostUn
                           frost_texture_files)
 from .errors import DataError, MatekdError, ParamsError
 from .params import Params
-from .storage import read_json, sha256_array, sha256_file, write_json
+from .runtime import stage
+from .storage import atomic_dir, read_json, sha256_array, sha256_file, write_json
 
 CANONICAL_SOURCE = "cifar10-python"  # prepared data in the canonical CIFAR-10 test order
 IMAGE_SHAPE = (32, 32, 3)
@@ -194,12 +194,8 @@ def run_corrupt(params: Params, prepared_dir: str | Path = "prepared", out_dir: 
         "prepared_manifest_sha256": prepared.manifest_hash, "prepared_source_kind": source_kind,
         "versions": _versions(), "skipped": {}, "seconds": {}, "cpu_seconds": {},
     }
-    out = Path(out_dir)
-    build = out.parent / f".{out.name}.partial"
-    if build.exists():  # leftover of an interrupted run of this stage
-        shutil.rmtree(build)
-    build.mkdir(parents=True)
-    try:
+    with stage(params, name="corrupt", run_name="corrupt", data_hash=prepared.manifest_hash) as ctx, \
+            atomic_dir(out_dir) as build:
         if cp.source:
             written = _write_official(cp.source, names, test_index, labels, source_kind, build, manifest)
         else:
@@ -212,10 +208,11 @@ def run_corrupt(params: Params, prepared_dir: str | Path = "prepared", out_dir: 
         manifest["array_sha256"] = {name: sha256_file(build / f"{name}.npy") for name in written}
         manifest["labels_sha256"] = sha256_array(np.tile(labels.astype(np.uint8), 5))
         write_json(build / "manifest.json", manifest)
-        _swap_into_place(build, out)
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
-        raise
+        ctx.run.set_tags({"cifar10c": manifest["label"], "frost": "skipped" if manifest["skipped"] else "used"})
+        ctx.run.log_metrics({f"seconds/{k}": v for k, v in manifest["seconds"].items()})
+        ctx.run.log_metrics({"images": n, "corruptions": len(written),
+                             "seconds_total": sum(manifest["seconds"].values())})
+        ctx.run.log_artifact(build / "manifest.json", "cifar10c")
     return manifest
 
 
@@ -263,22 +260,6 @@ def _write_regenerated(images: np.ndarray, names: list[str], seed: int, frost_di
         if progress:
             print(f"corrupt: {name:<18} {seconds:7.1f} s", file=sys.stderr)
     return written
-
-
-def _swap_into_place(build: Path, out: Path) -> None:
-    """Replace `out` by the finished `build` folder (the old one is removed only afterwards)."""
-    old = out.parent / f".{out.name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    try:
-        if out.exists():
-            os.replace(out, old)
-        os.replace(build, out)
-    except OSError as exc:
-        if old.exists() and not out.exists():
-            os.replace(old, out)
-        raise MatekdError(f"cannot move {build} to {out}: {exc}") from exc
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_corrupted(dir: str | Path = "cifar10c") -> tuple[dict[str, np.ndarray], np.ndarray, dict]:

@@ -26,6 +26,9 @@ from torch import nn
 
 from .attribution import grad_cam, resize_maps
 from .augment import to_device_tensor
+from .corruptions import CORRUPTIONS as ALL_CORRUPTIONS
+from .corruptions import EXTRA_4 as EXTRA_CORRUPTIONS
+from .corruptions import STANDARD_15 as STANDARD_CORRUPTIONS
 from .data import load_prepared
 from .distill import similarity, teacher_weights, weight_statistics
 from .errors import MatekdError
@@ -36,13 +39,6 @@ from .storage import atomic_dir, load_tensors, write_json
 from .teachers import load_teacher
 from .train import device_labels, model_input, predict_logits, prepare_model
 
-STANDARD_CORRUPTIONS = (
-    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
-    "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
-    "jpeg_compression",
-)
-EXTRA_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
-ALL_CORRUPTIONS = STANDARD_CORRUPTIONS + EXTRA_CORRUPTIONS
 SEVERITIES = 5
 # sha256 of shared/data/cifar10-jpeg.tar.gz (the JPEG q75 mirror, shared/data/README.md)
 JPEG_MIRROR_SHA256 = "45b041e867f5a40f79bfde38d3dd1fd511103d50068c1afecf6445e25234d4db"
@@ -52,7 +48,7 @@ __all__ = [
     "STANDARD_CORRUPTIONS", "EXTRA_CORRUPTIONS", "ALL_CORRUPTIONS", "confusion_matrix",
     "per_class_accuracy", "evaluate_predictions", "evaluate_clean", "severity_accuracy",
     "corruption_table", "summarise_corruption", "stratified_order", "gradcam_agreement",
-    "dataset_label", "corruption_label", "corruption_digest", "atomic_dir", "run_evaluate",
+    "dataset_label", "corruption_label", "corruption_digest", "run_evaluate",
 ]
 
 

@@ -226,7 +226,8 @@ def fit(*, model: nn.Module, step_fn: StepFn, recipe: Recipe, train_images: torc
             correct += (out.logits.detach().argmax(1) == batch.labels).sum()
             if (step + 1) % log_every == 0 or i == len(slices) - 1:
                 _check_finite(first_bad_step, epoch, len(slices))
-                values = {f"step/{k}": float(v) for k, v in terms.items()}
+                synced = torch.stack([v.float() for v in terms.values()]).tolist()  # one host sync
+                values = {f"step/{k}": v for k, v in zip(terms, synced)}
                 values["step/lr"] = optimizer.param_groups[0]["lr"]
                 run.log_metrics(values, step=step)
                 bar.set_postfix(loss=f"{values['step/loss']:.3f}",
@@ -240,7 +241,8 @@ def fit(*, model: nn.Module, step_fn: StepFn, recipe: Recipe, train_images: torc
         images_seen += seen
         record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                   "train_acc": float(correct) / seen, "images_per_second": seen / epoch_seconds}
-        record.update({f"train_{k}": float(v) / seen for k, v in sums.items()})
+        epoch_sums = torch.stack([v.float() for v in sums.values()]).tolist()
+        record.update({f"train_{k}": v / seen for k, v in zip(sums, epoch_sums)})
         record["val_acc"] = accuracy(model, val_images, val_labels, recipe.eval_batch_size, device)
         if test_images is not None and test_labels is not None:
             record["test_acc"] = accuracy(model, test_images, test_labels, recipe.eval_batch_size, device)
