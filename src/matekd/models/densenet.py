@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .common import init_weights
+
 
 class Bottleneck(nn.Module):
     """BN-ReLU-1x1 conv (4*growth) -> BN-ReLU-3x3 conv (growth), concatenated to the input."""
@@ -70,17 +72,7 @@ class DenseNet(nn.Module):
         self.linear = nn.Linear(planes, num_classes)
         # Transition 3 and block 4 follow the CAM layer: no closed form.
         self.cam_linear: nn.Linear | None = None
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward_cam(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Return (logits [B, classes], dense-block-3 output [B, 1024, H/4, W/4])."""

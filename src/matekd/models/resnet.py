@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .common import init_weights
+
 
 class _ShortcutA(nn.Module):
     """Parameter-free shortcut: subsample spatially, zero-pad the new channels equally."""
@@ -70,21 +72,13 @@ class CifarResNet(nn.Module):
         self.layer3 = self._stage(32, 64, n, stride=2)
         self.linear = nn.Linear(64, num_classes)
         # The stage-3 output feeds only GAP + this linear head: closed-form CAM applies.
-        self._init_weights()
+        init_weights(self, conv_mode="fan_in", kaiming_linear=True)
 
     @staticmethod
     def _stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
         layers = [BasicBlock(in_planes, planes, stride)]
         layers += [BasicBlock(planes, planes, 1) for _ in range(blocks - 1)]
         return nn.Sequential(*layers)
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(m.weight)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     @property
     def cam_linear(self) -> nn.Linear:

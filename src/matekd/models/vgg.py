@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .common import init_weights
+
 # "M" = 2x2 max-pool. Five pools take 32x32 down to 1x1, so the head sees 512 features.
 VGG19_CFG: tuple[int | str, ...] = (
     64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
@@ -45,17 +47,7 @@ class VGG(nn.Module):
         self.classifier = nn.Linear(ch, num_classes)
         # The CAM layer passes through more convs before the head: no closed form.
         self.cam_linear: nn.Linear | None = None
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward_cam(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Return (logits [B, classes], CAM-layer activations [B, 256, H/4, W/4])."""
