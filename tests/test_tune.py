@@ -51,7 +51,7 @@ def fake_accuracy(ce_weight: float, epoch: int) -> float:
 
 
 def fake_train(params, method, seed, data, device, run, checkpoint, progress=True, epoch_hook=None,
-               with_test=True):
+               with_test=True, signals_loader=None):
     """Stands in for student.train_student (same signature)."""
     if with_test:
         raise AssertionError("the tuning objective must never ask for the test set")
@@ -65,7 +65,21 @@ def fake_train(params, method, seed, data, device, run, checkpoint, progress=Tru
         history.append(record)
         if epoch_hook is not None:
             epoch_hook(epoch, record)
+        kill_once(os.environ.get("FAKE_KILL_ONCE_FILE"))
     return SimpleNamespace(result=SimpleNamespace(history=history))
+
+
+def kill_once(marker: str | None) -> None:
+    """The first process to claim `marker` dies by SIGKILL in the middle of its trial."""
+    if not marker:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def barrier(folder: str | None, parties: int, timeout: float = 120.0) -> None:
@@ -389,6 +403,7 @@ def test_sigkilled_worker_trial_is_failed_and_retried_on_rerun(ws):
     assert summary["trials"]["fail"] == 1 and summary["killed_trials_failed_at_start"] == [victim.number]
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_orphan_check_spares_live_and_foreign_trials(ws):
     params = tiny(**{"tune.n_trials": 1})
     tune.run_tune(params, trainer=fake_train)
@@ -455,23 +470,35 @@ def test_mlflow_parent_and_nested_trial_runs(ws, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------
-# Several worker processes on the default SQLite file
+# Several worker processes on the default SQLite file, one of them killed
 
 
-def test_two_worker_processes_share_the_sqlite_study(ws, monkeypatch, tmp_path):
+def test_worker_processes_share_the_sqlite_study_and_a_killed_one_is_failed(ws, monkeypatch, tmp_path):
+    (tmp_path / "barrier").mkdir()
     monkeypatch.setenv("FAKE_EPOCH_SECONDS", "0.2")
     monkeypatch.setenv("FAKE_BARRIER_DIR", str(tmp_path / "barrier"))
     monkeypatch.setenv("FAKE_BARRIER_N", "2")
-    (tmp_path / "barrier").mkdir()
+    monkeypatch.setenv("FAKE_KILL_ONCE_FILE", str(tmp_path / "killed"))
     params = tiny(**{"tune.n_trials": 4, "tune.epochs": 2, "tune.pruner": "none"})
-    summary = tune.run_tune(params, workers=2, trainer=fake_train)
+    with pytest.raises(MatekdError, match=r"worker [01] was killed by signal 9.*Run `matekd tune` again"):
+        tune.run_tune(params, workers=2, trainer=fake_train)
+
+    victim_pid = int((tmp_path / "killed").read_text())
     trials = load().get_trials()
-    assert [t.number for t in trials] == [0, 1, 2, 3]
-    assert all(t.state == TrialState.COMPLETE for t in trials)
-    assert {t.user_attrs[tune.ATTR_WORKER] for t in trials} == {0, 1}
-    pids = {t.user_attrs[tune.ATTR_PID] for t in trials}
-    assert len(pids) == 2 and os.getpid() not in pids
-    assert summary["trials"]["complete"] == 4
+    pids = {t.user_attrs.get(tune.ATTR_PID) for t in trials} - {None}
+    assert victim_pid in pids and len(pids) == 2 and os.getpid() not in pids  # both workers took trials
+    victims = [t for t in trials if t.user_attrs.get(tune.ATTR_PID) == victim_pid]
+    assert len(victims) == 1 and victims[0].state == TrialState.FAIL
+    assert sorted(victims[0].intermediate_values) == [1]  # it died in the middle of its trial
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == victims[0].number]
+    assert len(retry) == 1 and retry[0].params == victims[0].params
+
+    summary = tune.run_tune(params, trainer=fake_train)  # the rerun finishes the study
+    trials = load().get_trials()
+    assert [t.number for t in trials] == list(range(len(trials)))
+    assert trials[retry[0].number].state == TrialState.COMPLETE
+    assert summary["trials"]["complete"] == 4 and summary["trials"]["fail"] == 1
 
 
 # ----------------------------------------------------------------------------------------

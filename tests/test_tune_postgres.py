@@ -138,7 +138,7 @@ def accepts_connections(port: int) -> bool:
 
 def test_two_workers_share_one_study_in_postgresql(tmp_path, monkeypatch):
     try:
-        import psycopg2  # noqa: F401
+        import psycopg2
     except ImportError:
         _unavailable("psycopg2 is not installed (pip install psycopg2-binary)")
     server = Server(pg_bin())
@@ -176,8 +176,6 @@ def test_two_workers_share_one_study_in_postgresql(tmp_path, monkeypatch):
         assert set(workers) == {0, 1} and len(pids) == 2 and os.getpid() not in pids
         assert summary["trials"]["complete"] == 6 and summary["storage"] == url
         # Every trial recorded once, directly in the database.
-        import psycopg2
-
         with psycopg2.connect(host="127.0.0.1", port=server.port, user="matekd", dbname="postgres") as conn:
             with conn.cursor() as cur:
                 cur.execute("SELECT number, count(*) FROM trials GROUP BY number HAVING count(*) > 1")

@@ -165,7 +165,7 @@ def weight_statistics(weights: Tensor, similarity: Tensor, bins: int) -> dict[st
     k = w.shape[0]
     dominant = F.one_hot(w.argmax(dim=0), num_classes=k).float().mean(dim=0)
     entropy = -torch.special.xlogy(w, w).sum(dim=0).mean()
-    index = (w.clamp(0.0, 1.0) * bins).floor().long().clamp_max(bins - 1)   # [K,B]
+    index = (w.clamp(0.0, 1.0) * bins).floor().long().clamp(0, bins - 1)   # [K,B]
     # one_hot + sum instead of scatter/bincount: deterministic on every device.
     histogram = F.one_hot(index, num_classes=bins).sum(dim=1)
     return {

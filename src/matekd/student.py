@@ -196,12 +196,14 @@ class StudentRun:
 def train_student(params: Params, method: str, seed: int, data: Prepared, device: torch.device,
                   run: NullRun, checkpoint: Path | None, progress: bool = True,
                   epoch_hook: Callable[[int, dict], None] | None = None,
-                  with_test: bool = True) -> StudentRun:
-    """Train a student; shared by the distill/ablation stages and the Optuna objective."""
+                  with_test: bool = True, signals_loader: Callable[..., TeacherSignals] | None = None
+                  ) -> StudentRun:
+    """Train a student; shared by the distill/ablation stages and the Optuna objective (which
+    passes a `signals_loader` that keeps teachers and caches loaded across trials)."""
     cfg = params.distill
     torch.manual_seed(seed)
     student = prepare_model(build_model(cfg.student), device)
-    signals = load_signals(params, method, data, device)
+    signals = (signals_loader or load_signals)(params, method, data, device)
     histogram = (WeightHistogram(signals.names, cfg.histogram_bins, device)
                  if method in ATTRIBUTION_WEIGHTED else None)
     histograms: list[dict] = []

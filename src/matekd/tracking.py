@@ -228,6 +228,13 @@ def start_run(*, enabled: bool, experiment: str, run_name: str, stage: str, para
     run = MlflowRun(client, created.info.run_id)
     run.log_params(params)
     run.log_text(installed_packages(), "provenance/pip-freeze.txt")
+    with closing_run(run):
+        yield run
+
+
+@contextlib.contextmanager
+def closing_run(run: "MlflowRun") -> Iterator["MlflowRun"]:
+    """Mark the run with the block's outcome: FINISHED, FAILED on an exception, KILLED on Ctrl-C."""
     try:
         yield run
     except KeyboardInterrupt:

@@ -222,6 +222,15 @@ def _with_driver(url: str) -> str:
     return f"postgresql://{rest}"
 
 
+def _relative(path: Path) -> str:
+    """A path as the user would write it: relative to the project folder when inside it
+    (keeps machine-specific prefixes out of metrics/tune.json)."""
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 JOURNAL_SUFFIXES = (".log", ".jsonl", ".journal")
 SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 
@@ -236,7 +245,7 @@ def resolve_storage(text: str) -> StorageSpec:
         raise ParamsError("tune.storage is empty; give a SQLite file, a journal file or a database URL")
     if text.startswith("journal:"):
         path = Path(text.removeprefix("journal:").removeprefix("//")).expanduser().resolve()
-        return StorageSpec("journal", str(path), f"journal:{path}")
+        return StorageSpec("journal", str(path), f"journal:{_relative(path)}")
     if "://" in text:
         scheme = text.split("://", 1)[0].lower()
         if scheme.startswith("sqlite"):
@@ -246,11 +255,12 @@ def resolve_storage(text: str) -> StorageSpec:
             return StorageSpec("sqlite", text, text)
         return StorageSpec("rdb", _with_driver(text), _mask(text))
     path = Path(text).expanduser().resolve()
+    shown = _relative(path)
     if path.suffix in JOURNAL_SUFFIXES:
-        return StorageSpec("journal", str(path), f"journal:{path}")
+        return StorageSpec("journal", str(path), f"journal:{shown}")
     if path.suffix in SQLITE_SUFFIXES:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return StorageSpec("sqlite", f"sqlite:///{path}", str(path))
+        return StorageSpec("sqlite", f"sqlite:///{path}", shown)
     raise ParamsError(f"tune.storage = {text!r}: not a SQLite file ({', '.join(SQLITE_SUFFIXES)}), a journal "
                       f"file ({', '.join(JOURNAL_SUFFIXES)} or journal:PATH) nor a database URL "
                       "(postgresql://user:password@host:port/db)")
@@ -311,7 +321,8 @@ def fail_orphans(study: Any, host: str | None = None, pids: set[int] | None = No
         pid = trial.user_attrs.get(ATTR_PID)
         if trial.user_attrs.get(ATTR_HOST) != host or not isinstance(pid, int):
             continue
-        if (pid in pids) if pids is not None else pid_alive(pid):
+        alive = (pid not in pids) if pids is not None else pid_alive(pid)
+        if alive:
             continue
         try:
             if not study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
@@ -366,28 +377,19 @@ class _SignalsMemo:
     def __init__(self):
         self.memo: dict[tuple, Any] = {}
 
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        from . import student
+    def load(self, params: Params, method: str, data: Any, device: Any) -> Any:
+        from .student import load_signals, method_teachers
 
-        original = student.load_signals
-
-        def load(params, method, data, device):
-            key = (method, tuple(student.method_teachers(params, method)), params.distill.teacher_signals,
-                   data.manifest_hash, str(device))
-            if key not in self.memo:
-                self.memo[key] = original(params, method, data, device)
-            return self.memo[key]
-
-        student.load_signals = load
-        try:
-            yield
-        finally:
-            student.load_signals = original
+        key = (method, tuple(method_teachers(params, method)), params.distill.teacher_signals,
+               data.manifest_hash, str(device))
+        if key not in self.memo:
+            self.memo[key] = load_signals(params, method, data, device)
+        return self.memo[key]
 
 
 def make_objective(params: Params, data: Any, device: Any, trainer: Trainer, session: str,
-                   worker: int, progress: bool = False) -> Callable[[Any], float]:
+                   worker: int, signals_loader: Callable[..., Any], progress: bool = False
+                   ) -> Callable[[Any], float]:
     """The trial function: sample, train the student for tune.epochs, report val_acc per epoch."""
     import optuna
 
@@ -416,7 +418,7 @@ def make_objective(params: Params, data: Any, device: Any, trainer: Trainer, ses
 
         try:
             trainer(trial_params, tune.method, trial_params.distill.seed, data, device, _null_run(), None,
-                    progress, hook, with_test=False)
+                    progress, hook, with_test=False, signals_loader=signals_loader)
         except TrainingDiverged as exc:
             # A diverged run cannot recover; pruning (not failing) lets TPE learn to avoid the region.
             trial.set_user_attr(ATTR_DIVERGED, str(exc))
@@ -467,10 +469,9 @@ def run_worker(job: WorkerJob, on_trial_end: Callable[[Any, Any], None] | None =
     study = optuna.create_study(study_name=tune.study_name, storage=job.storage.open(), direction="maximize",
                                 sampler=make_sampler(tune, job.worker), pruner=make_pruner(tune),
                                 load_if_exists=True)
-    objective = make_objective(params, data, device, trainer, job.session, job.worker)
+    objective = make_objective(params, data, device, trainer, job.session, job.worker, _SignalsMemo().load)
     ran, failures = 0, 0
-    memo = _SignalsMemo()
-    with memo.installed(), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         while True:
             fail_stale(study)
@@ -550,7 +551,11 @@ class TrialLogger:
             mine = trial.user_attrs.get(ATTR_SESSION) == self.session
             if not mine and trial.state != optuna.trial.TrialState.FAIL:
                 continue  # another machine's session logs it
-            self.log_trial(trial)
+            try:
+                self.log_trial(trial)
+            except Exception as exc:  # a tracking hiccup never stops the study; the next sync retries
+                warnings.warn(f"MLflow: logging trial {trial.number} failed ({exc}); will retry")
+                continue
             self.done.add(trial.number)
             logged += 1
         return logged
@@ -600,7 +605,8 @@ class TrialLogger:
 def parent_run(params: Params, study: Any, storage: StorageSpec, data_hash: str, device_label: str
                ) -> Iterator[Any]:
     """The study's MLflow run: reopened when the study already has one in this tracking store."""
-    from .tracking import MlflowRun, NullRun, _client_for, start_run, tracking_enabled, tracking_uri
+    from .tracking import (MlflowRun, NullRun, _client_for, closing_run, start_run, tracking_enabled,
+                           tracking_uri)
 
     if not tracking_enabled(params.tracking.enabled):
         yield NullRun()
@@ -618,17 +624,9 @@ def parent_run(params: Params, study: Any, storage: StorageSpec, data_hash: str,
     else:
         previous = None
     if previous:
-        run = MlflowRun(client, previous)
         client.update_run(previous, status="RUNNING")
-        try:
+        with closing_run(MlflowRun(client, previous)) as run:
             yield run
-        except KeyboardInterrupt:
-            run.finish("KILLED")
-            raise
-        except BaseException:
-            run.finish("FAILED")
-            raise
-        run.finish("FINISHED")
         return
     tags = {"profile": params.profile, "device": device_label, "params_sha256": params.digest(),
             "dataset_sha256": data_hash, "optuna.study": params.tune.study_name, "optuna.storage": storage.shown}
