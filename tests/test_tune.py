@@ -356,7 +356,7 @@ KILLED_RUN = textwrap.dedent("""
 
 
 def test_sigkilled_worker_trial_is_failed_and_retried_on_rerun(ws):
-    env = {**os.environ, "FAKE_EPOCH_SECONDS": "0.5", "MATEKD_TRACKING": "off"}
+    env = {**os.environ, "FAKE_EPOCH_SECONDS": "2.0", "MATEKD_TRACKING": "off"}
     script = KILLED_RUN.format(src=str(ROOT / "src"), tests=str(TESTS))
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ws, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

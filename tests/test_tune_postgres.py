@@ -33,7 +33,7 @@ pytestmark = pytest.mark.postgres
 
 
 def fake_train(params, method, seed, data, device, run, checkpoint, progress=True, epoch_hook=None,
-               with_test=True):
+               with_test=True, signals_loader=None):
     """Stands in for student.train_student: val_acc is a known function of the learning rate.
     Every worker's first trial waits until both workers have one, so both must contribute."""
     if with_test:

@@ -1,0 +1,25 @@
+"""`matekd bench` times the student step variants and prints each as a ratio to CE."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from matekd.bench import run_bench
+from matekd.params import load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_prints_and_writes_ratios_to_the_ce_step(tmp_path, capsys):
+    params = load_params(ROOT / "profiles" / "tiny.yaml", {"device": "cpu"})
+    report = run_bench(params, batch_size=8, repeats=2, warmup=1, output=tmp_path / "bench.json")
+    out = capsys.readouterr().out
+    assert set(report["steps"]) == {"ce", "kd_online", "mate_kd_online", "mate_kd_cached"}
+    assert report["steps"]["ce"]["ratio_to_ce"] == 1.0
+    for name, entry in report["steps"].items():
+        assert entry["median_s"] > 0 and entry["images_per_second"] > 0
+        assert name in out and f"{entry['ratio_to_ce']:.2f}" in out
+    # running two teachers online every step costs more than a CE step
+    assert report["steps"]["kd_online"]["ratio_to_ce"] > 1.0
+    assert json.loads((tmp_path / "bench.json").read_text())["steps"] == report["steps"]
