@@ -103,7 +103,8 @@ def test_cached_logits_are_exact_for_every_augmentation():
     torch.manual_seed(0)
     model = build_model("resnet20").eval()
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
-    cached = variant_logits(model, images, batch_size=400, device=CPU)
+    cached, mask = variant_logits(model, images, batch_size=400, device=CPU)
+    assert bool(mask.all())
     offsets, flips = sample_crop_flip(3, PAD, torch.Generator().manual_seed(1), CPU)
     with torch.no_grad():
         online = model(model_input(crop_flip(images, offsets, flips, PAD), CPU))
@@ -191,3 +192,56 @@ def test_cache_metadata_and_refusal_of_stale_or_corrupt_caches(workspace):
 def test_missing_teacher_weights_fail_with_the_command_to_run(workspace):
     with pytest.raises(MatekdError, match=r"dvc repro train_teacher@vgg19_bn"):
         load_teacher("vgg19_bn", CPU)
+
+
+def test_cached_teacher_logits_train_like_online_ones(workspace, monkeypatch, tmp_path):
+    """`teacher_signals: cached` gathers the per-variant logits that the cache stage stored; the
+    KD term it yields matches teachers run online on the same augmented batches."""
+    root, params = workspace
+    cached_params = params.model_copy(deep=True)
+    cached_params.distill.teacher_signals = "cached"
+    cached_params.cache.logit_variants = "used"  # only the variants seed 0 will gather
+    cams = root / "cams"
+    saved = {p.name: p.read_bytes() for p in cams.glob("*.safetensors")}
+    try:
+        run_cache(cached_params, "resnet56")  # kd_teacher of the tiny profile
+        terms = {}
+        for label, p in (("online", params), ("cached", cached_params)):
+            recorder = RecordingRun()
+
+            @contextlib.contextmanager
+            def fake_start_run(**kwargs):
+                yield recorder
+
+            monkeypatch.setattr(runtime, "start_run", fake_start_run)
+            run_distill(p, method="kd", seed=0, output_name=f"kd-{label}", progress=False)
+            terms[label] = [m["step/kd"] for _, m in recorder.metrics if "step/kd" in m]
+        assert len(terms["online"]) == len(terms["cached"]) >= 1
+        torch.testing.assert_close(torch.tensor(terms["cached"]), torch.tensor(terms["online"]),
+                                   rtol=2e-2, atol=1e-3)
+        other_seed = cached_params.model_copy(deep=True)
+        with pytest.raises(CacheError, match="do not cover seed 5"):
+            run_distill(other_seed, method="kd", seed=5, output_name="kd-seed5", progress=False)
+    finally:
+        for name, blob in saved.items():
+            (cams / name).write_bytes(blob)
+
+
+def test_used_variants_are_exactly_those_the_training_loop_draws():
+    from matekd.augment import num_variants
+    from matekd.cache import used_variants
+    from matekd.train import epoch_augmentation
+
+    params = load_params(ROOT / "profiles" / "tiny.yaml", {"distill.seed": 1, "ablation.seeds": [1, 2],
+                                                           "distill.recipe.epochs": 2})
+    n = 50
+    mask = used_variants(params, n)
+    expected = torch.zeros(n, num_variants(PAD), dtype=torch.bool)
+    for seed in (1, 2):
+        for epoch in range(2):
+            order, offsets, flips = epoch_augmentation(seed, epoch, n)
+            for position in range(n):  # the loop gives image order[p] the p-th draw
+                expected[order[position], variant_index(offsets[position:position + 1],
+                                                        flips[position:position + 1], PAD)] = True
+    assert torch.equal(mask, expected)
+    assert 0 < int(mask.sum()) <= n * 2 * 2

@@ -127,3 +127,14 @@ def test_batch_slices_drop_only_a_trailing_singleton():
     assert batch_slices(10, 4) == [(0, 4), (4, 8), (8, 10)]
     assert batch_slices(9, 4) == [(0, 4), (4, 8)]
     assert batch_slices(1, 4) == [(0, 1)]
+
+
+def test_learning_rate_schedule_warms_up_linearly_then_decays_by_cosine():
+    from matekd.train import lr_factor
+
+    assert [lr_factor(s, 10, "cosine", warmup_steps=4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, 10, "cosine", warmup_steps=4) == 1.0
+    assert abs(lr_factor(7, 10, "cosine", warmup_steps=4) - 0.5) < 1e-12  # half-way through the decay
+    assert lr_factor(10, 10, "cosine", warmup_steps=4) < 1e-12
+    assert lr_factor(3, 10, "constant") == 1.0 and lr_factor(0, 10, "constant", warmup_steps=2) == 0.5
+    assert abs(lr_factor(5, 10, "cosine") - 0.5) < 1e-12

@@ -131,3 +131,10 @@ def variant_index(offsets: Tensor, flips: Tensor, pad: int) -> Tensor:
     """(dy * (2*pad+1) + dx) * 2 + flip: a bijection onto range(num_variants(pad))."""
     side = 2 * pad + 1
     return (offsets[:, 0] * side + offsets[:, 1]) * 2 + flips.to(offsets.device).long()
+
+
+def variant_params(variants: Tensor, pad: int) -> tuple[Tensor, Tensor]:
+    """The inverse of `variant_index`: (offsets [B,2] as (dy, dx), flips [B])."""
+    side = 2 * pad + 1
+    cell = variants // 2
+    return torch.stack([cell // side, cell % side], 1), (variants % 2).bool()

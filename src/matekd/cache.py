@@ -17,14 +17,14 @@ from pathlib import Path
 import torch
 
 from .attribution import grad_cam, normalize_maps, resize_maps
-from .augment import crop_flip, num_variants, to_device_tensor
+from .augment import crop_flip, num_variants, to_device_tensor, variant_params
 from .data import load_prepared
 from .errors import CacheError, MatekdError
 from .params import Params
 from .runtime import stage
 from .storage import load_tensors, save_tensors, sha256_file, write_json
 from .teachers import load_teacher, teacher_paths
-from .train import PAD, autocast, device_labels, model_input
+from .train import PAD, autocast, device_labels, image_variants, model_input
 
 CACHE_VERSION = "1"
 
@@ -47,24 +47,36 @@ def _maps(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int, re
 
 
 @torch.inference_mode()
-def variant_logits(model, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Logits [N, V, C] of every crop/flip variant (V = num_variants(PAD)) of every image."""
-    n_var = num_variants(PAD)
-    side = 2 * PAD + 1
-    grid = torch.arange(n_var, device=device)
-    offsets = torch.stack([(grid // 2) // side, (grid // 2) % side], 1)
-    flips = (grid % 2).bool()
-    out = []
-    per_batch = max(1, batch_size // n_var)
-    for start in range(0, images.shape[0], per_batch):
-        chunk = images[start:start + per_batch].to(device)
-        b = chunk.shape[0]
-        expanded = chunk.repeat_interleave(n_var, 0)
-        views = crop_flip(expanded, offsets.repeat(b, 1), flips.repeat(b), PAD)
+def variant_logits(model, images: torch.Tensor, batch_size: int, device: torch.device,
+                   wanted: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [N, V, C] (fp16) of the crop/flip variants of every image (V = num_variants(PAD))
+    and the mask [N, V] of the (image, variant) pairs computed: `wanted`, or all of them."""
+    n, n_var = images.shape[0], num_variants(PAD)
+    mask = torch.ones(n, n_var, dtype=torch.bool) if wanted is None else wanted.cpu().bool()
+    pairs = mask.nonzero()
+    logits = None
+    for start in range(0, pairs.shape[0], batch_size):
+        image_idx, variant = pairs[start:start + batch_size].to(device).unbind(1)
+        offsets, flips = variant_params(variant, PAD)
+        views = crop_flip(images[image_idx].to(device), offsets, flips, PAD)
         with autocast(device):
-            logits = model(model_input(views, device)).float()
-        out.append(logits.view(b, n_var, -1).half())
-    return torch.cat(out)
+            out = model(model_input(views, device)).float().half()
+        if logits is None:
+            logits = torch.zeros(n, n_var, out.shape[1], dtype=torch.float16, device=device)
+        logits[image_idx, variant] = out
+    if logits is None:
+        logits = torch.zeros(n, n_var, 10, dtype=torch.float16, device=device)
+    return logits, mask
+
+
+def used_variants(params: Params, n: int) -> torch.Tensor:
+    """[N, V] mask of the variants that the distill and ablation students will gather: their
+    seeds and epochs fix every image's augmentation (train.image_variants)."""
+    mask = torch.zeros(n, num_variants(PAD), dtype=torch.bool)
+    for seed in sorted({params.distill.seed, *params.ablation.seeds}):
+        variants = image_variants(seed, params.distill.recipe.epochs, n)
+        mask[torch.arange(n).expand_as(variants), variants] = True
+    return mask
 
 
 def run_cache(params: Params, name: str, prepared_dir: str | Path = "prepared") -> dict:
@@ -88,13 +100,16 @@ def run_cache(params: Params, name: str, prepared_dir: str | Path = "prepared") 
         logit_seconds = 0.0
         if params.distill.teacher_signals == "cached":
             tic = time.perf_counter()
-            tensors["train_logits"] = variant_logits(model, to_device_tensor(data.train_images, device),
-                                                     params.cache.batch_size * 8, device)
+            n = len(data.train_labels)
+            wanted = used_variants(params, n) if params.cache.logit_variants == "used" else None
+            tensors["train_logits"], tensors["train_logits_mask"] = variant_logits(
+                model, to_device_tensor(data.train_images, device), params.cache.batch_size, device, wanted)
             logit_seconds = time.perf_counter() - tic
         metadata = {"version": CACHE_VERSION, "teacher": name, "teacher_sha256": teacher_sha,
                     "dataset_sha256": data.manifest_hash, "layer": model.cam_layer,
                     "resolution": str(res), "target": "label", "pad": str(PAD),
-                    "logits": str("train_logits" in tensors).lower()}
+                    "logits": str("train_logits" in tensors).lower(),
+                    "logit_variants": params.cache.logit_variants}
         save_tensors(cache_path(name), tensors, metadata)
         summary = {"teacher": name, "map_seconds": map_seconds, "logit_seconds": logit_seconds,
                    "images": int(tensors["train_maps"].shape[0] + tensors["val_maps"].shape[0]),
@@ -113,6 +128,7 @@ class TeacherCache:
     train_maps: torch.Tensor               # [N, h, w] fp16
     val_maps: torch.Tensor                 # [Nv, h, w] fp16
     train_logits: torch.Tensor | None      # [N, V, C] fp16 or None
+    train_logits_mask: torch.Tensor | None  # [N, V] bool: which variants hold logits
     metadata: dict[str, str]
 
 
@@ -145,4 +161,5 @@ def load_cache(name: str, dataset_sha256: str, device: torch.device | str = "cpu
     if problems:
         raise CacheError(f"stale CAM cache {path}: {'; '.join(problems)}. Rebuild it with "
                          f"`dvc repro cache@{name}`")
-    return TeacherCache(name, tensors["train_maps"], tensors["val_maps"], tensors.get("train_logits"), meta)
+    return TeacherCache(name, tensors["train_maps"], tensors["val_maps"], tensors.get("train_logits"),
+                        tensors.get("train_logits_mask"), meta)

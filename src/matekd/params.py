@@ -36,6 +36,7 @@ class Recipe(Strict):
     nesterov: bool = True
     weight_decay: float = Field(default=5e-4, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: float = Field(default=0.0, ge=0)  # linear warm-up (He et al. warm up ResNet110)
     eval_batch_size: int = Field(default=512, ge=1)
 
 
@@ -58,6 +59,9 @@ class DataParams(Strict):
 class CacheParams(Strict):
     resolution: int = Field(default=8, ge=1, le=32)
     batch_size: int = Field(default=256, ge=1)
+    # With distill.teacher_signals: cached, which crop/flip variants get teacher logits: all 162
+    # (any seed, any epoch count) or only those the configured students' seeds and epochs use.
+    logit_variants: Literal["all", "used"] = "all"
 
 
 class DistillParams(Strict):

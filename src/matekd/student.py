@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .attribution import model_cam
 from .augment import shift_maps, to_device_tensor, variant_index
 from .cache import load_cache
+from .errors import CacheError
 from .data import Prepared, load_prepared
 from .distill import mate_kd_loss, tau_at_epoch, teacher_weights, weight_statistics, similarity
 from .models import build_model, count_parameters, model_size_mb
@@ -26,7 +27,7 @@ from .params import Params
 from .runtime import digest_of, stage, write_history_csv
 from .storage import save_tensors, write_json
 from .teachers import load_teacher
-from .train import PAD, Batch, FitResult, StepOutput, device_labels, fit, prepare_model
+from .train import PAD, Batch, FitResult, StepOutput, device_labels, fit, image_variants, prepare_model
 from .tracking import NullRun
 
 TEACHERLESS = {"ce"}
@@ -59,6 +60,21 @@ class TeacherSignals:
     models: list[torch.nn.Module] = field(default_factory=list)   # online logits
     train_maps: torch.Tensor | None = None                          # [K, N, h, w] fp16
     train_logits: torch.Tensor | None = None                        # [K, N, V, C] fp16
+    train_logits_mask: torch.Tensor | None = None                   # [K, N, V] variants cached
+
+    def check_coverage(self, seed: int, epochs: int) -> None:
+        """Refuse cached logits that lack a variant this run's seed and epochs will gather."""
+        if self.train_logits_mask is None:
+            return
+        mask = self.train_logits_mask.cpu()
+        n = mask.shape[1]
+        variants = image_variants(seed, epochs, n)
+        covered = mask[:, torch.arange(n).expand_as(variants), variants]
+        if not bool(covered.all()):
+            raise CacheError(
+                f"the cached teacher logits do not cover seed {seed} for {epochs} epochs (built with "
+                "cache.logit_variants: used for other seeds or fewer epochs); set cache.logit_variants: all, "
+                "or list the seed in ablation.seeds, then rerun `dvc repro cache`")
 
 
 def load_signals(params: Params, method: str, data: Prepared, device: torch.device) -> TeacherSignals:
@@ -74,6 +90,8 @@ def load_signals(params: Params, method: str, data: Prepared, device: torch.devi
             signals.train_maps = torch.stack([c.train_maps for c in caches])
         if cached:
             signals.train_logits = torch.stack([c.train_logits for c in caches])
+            if all(c.train_logits_mask is not None for c in caches):
+                signals.train_logits_mask = torch.stack([c.train_logits_mask for c in caches])
     if not cached:
         signals.models = [load_teacher(n, device) for n in names]
     return signals
@@ -204,6 +222,7 @@ def train_student(params: Params, method: str, seed: int, data: Prepared, device
     torch.manual_seed(seed)
     student = prepare_model(build_model(cfg.student), device)
     signals = (signals_loader or load_signals)(params, method, data, device)
+    signals.check_coverage(seed, cfg.recipe.epochs)
     histogram = (WeightHistogram(signals.names, cfg.histogram_bins, device)
                  if method in ATTRIBUTION_WEIGHTED else None)
     histograms: list[dict] = []

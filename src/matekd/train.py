@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .augment import crop_flip, normalize, sample_crop_flip
+from .augment import crop_flip, normalize, sample_crop_flip, variant_index
 from .errors import MatekdError, TrainingDiverged
 from .params import Recipe
 from .storage import atomic_path, safe_torch_load
@@ -52,6 +52,26 @@ def configure_determinism(seed: int, deterministic: bool) -> None:
 def epoch_generator(seed: int, epoch: int, salt: int = 0) -> torch.Generator:
     """A CPU generator that depends only on (seed, epoch, salt)."""
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7919 + salt) % (2 ** 63))
+
+
+def epoch_augmentation(seed: int, epoch: int, n: int, device: torch.device | str = "cpu"
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The epoch's visiting order and the crop offsets and flips by position in that order: a
+    function of (seed, epoch, n) only, whatever the batch size or method."""
+    gen = epoch_generator(seed, epoch)
+    order = torch.randperm(n, generator=gen).to(device)
+    offsets, flips = sample_crop_flip(n, PAD, gen, device)
+    return order, offsets, flips
+
+
+def image_variants(seed: int, epochs: int, n: int) -> torch.Tensor:
+    """[epochs, n]: the crop/flip variant (augment.variant_index) each training image gets in
+    each epoch of a run with this seed."""
+    out = torch.empty(epochs, n, dtype=torch.long)
+    for epoch in range(epochs):
+        order, offsets, flips = epoch_augmentation(seed, epoch, n)
+        out[epoch, order] = variant_index(offsets, flips, PAD)
+    return out
 
 
 def autocast(device: torch.device):
@@ -108,11 +128,15 @@ def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
                            weight_decay=recipe.weight_decay)
 
 
-def lr_factor(step: int, total_steps: int, schedule: str) -> float:
-    """Per-step cosine decay to zero (or constant)."""
+def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int = 0) -> float:
+    """Per-step multiplier: linear warm-up over `warmup_steps`, then cosine decay to zero over
+    the remaining steps (or constant)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
     if schedule == "constant":
         return 1.0
-    return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+    span = max(total_steps - warmup_steps, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup_steps, span) / span))
 
 
 @dataclass
@@ -185,6 +209,7 @@ def fit(*, model: nn.Module, step_fn: StepFn, recipe: Recipe, train_images: torc
     n = train_images.shape[0]
     slices = batch_slices(n, recipe.batch_size)
     total_steps = recipe.epochs * len(slices)
+    warmup_steps = min(round(recipe.warmup_epochs * len(slices)), total_steps)
     start_epoch, history, seconds = 0, [], 0.0
     if checkpoint is not None and checkpoint.exists():
         state = safe_torch_load(checkpoint)
@@ -197,9 +222,7 @@ def fit(*, model: nn.Module, step_fn: StepFn, recipe: Recipe, train_images: torc
     train_seconds = 0.0
     for epoch in range(start_epoch, recipe.epochs):
         model.train()
-        gen = epoch_generator(seed, epoch)
-        order = torch.randperm(n, generator=gen).to(device)
-        offsets, flips = sample_crop_flip(n, PAD, gen, device)
+        order, offsets, flips = epoch_augmentation(seed, epoch, n, device)
         sums: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), device=device)
         seen = 0
@@ -212,7 +235,7 @@ def fit(*, model: nn.Module, step_fn: StepFn, recipe: Recipe, train_images: torc
         for i, (lo, hi) in enumerate(bar):
             step = epoch * len(slices) + i
             for group in optimizer.param_groups:
-                group["lr"] = recipe.lr * lr_factor(step, total_steps, recipe.schedule)
+                group["lr"] = recipe.lr * lr_factor(step, total_steps, recipe.schedule, warmup_steps)
             batch = make_batch(train_images, train_labels, order[lo:hi], offsets[lo:hi], flips[lo:hi], device)
             out = optimise(step_fn, batch, epoch, optimizer, device)
             # NaN/Inf detection without a host sync: remember the first bad step on the device.
