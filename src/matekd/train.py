@@ -119,7 +119,9 @@ def accuracy(model: nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor,
 
 
 def device_labels(labels, device: torch.device) -> torch.Tensor:
-    return torch.as_tensor(labels, dtype=torch.long).to(device)
+    if isinstance(labels, torch.Tensor):
+        return labels.to(device=device, dtype=torch.long)
+    return torch.tensor(labels, dtype=torch.long).to(device)  # copies: labels may be a read-only memmap
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
