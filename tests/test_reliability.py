@@ -14,9 +14,9 @@ import pytest
 
 from helpers_repo import make_repo, repo_env, run
 from matekd.storage import safe_torch_load, sha256_file
+from matekd.teachers import TIMING_KEYS
 
 pytestmark = pytest.mark.slow
-TIMING = ("seconds", "images_per_second")
 
 STAGES = {
     "teacher": ("train_teacher@resnet20", "models/teachers/resnet20.safetensors",
@@ -43,7 +43,7 @@ def repo(tmp_path_factory) -> Path:
 def _outputs(repo: Path, which: str) -> tuple[str, dict]:
     _, weights, metrics, _ = STAGES[which]
     data = json.loads((repo / metrics).read_text())
-    return sha256_file(repo / weights), {k: v for k, v in data.items() if k not in TIMING}
+    return sha256_file(repo / weights), {k: v for k, v in data.items() if k not in TIMING_KEYS}
 
 
 def _fresh_run(repo: Path, which: str) -> None:

@@ -20,6 +20,7 @@ import torch
 from .augment import num_variants, sample_crop_flip
 from .models import build_model
 from .params import Params
+from .runtime import device_name
 from .storage import write_json
 from .student import TeacherSignals, make_step
 from .train import PAD, device_labels, make_batch, make_optimizer, optimise, prepare_model, resolve_device
@@ -75,8 +76,7 @@ def run_bench(params: Params, batch_size: int | None = None, repeats: int = 20, 
     base = results["ce"]["median_s"]
     for entry in results.values():
         entry["ratio_to_ce"] = entry["median_s"] / base
-    device_label = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"cpu ({torch.get_num_threads()} threads)"
+    device_label = device_name(device)
     report = {"device": device_label, "batch_size": batch_size, "repeats": repeats, "warmup": warmup,
               "teachers": names, "student": params.distill.student, "torch": torch.__version__,
               "steps": results}

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import torch
 
 from .params import Params
-from .storage import atomic_path, write_json
+from .storage import atomic_path
 from .tracking import NullRun, start_run
 from .train import configure_determinism, resolve_device
 
@@ -58,6 +58,3 @@ def digest_of(*parts: Any) -> str:
     import hashlib
 
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-__all__ = ["StageContext", "stage", "device_name", "write_history_csv", "digest_of", "write_json"]

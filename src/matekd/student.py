@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from .attribution import model_cam
 from .augment import shift_maps, to_device_tensor, variant_index
 from .cache import load_cache
-from .errors import CacheError
+from .errors import CacheError, ParamsError
 from .data import Prepared, load_prepared
 from .distill import mate_kd_loss, tau_at_epoch, teacher_weights, weight_statistics, similarity
 from .models import build_model, count_parameters, model_size_mb
-from .params import Params
+from .params import METHODS, Params
 from .runtime import digest_of, stage, write_history_csv
 from .storage import save_tensors, write_json
 from .teachers import load_teacher
@@ -271,10 +271,8 @@ def run_distill(params: Params, method: str | None = None, seed: int | None = No
                 progress: bool = True) -> dict:
     method = method or params.distill.method
     seed = params.distill.seed if seed is None else seed
-    if method not in ("ce", "kd", "mtkd_equal", "mate_kd_noattr", "mate_kd"):
-        from .errors import ParamsError
-
-        raise ParamsError(f"--method {method!r} is not one of ce, kd, mtkd_equal, mate_kd_noattr, mate_kd")
+    if method not in METHODS:
+        raise ParamsError(f"--method {method!r} is not one of {', '.join(METHODS)}")
     output_name = output_name or "distill"
     paths = student_paths(output_name)
     data = load_prepared(prepared_dir)

@@ -6,10 +6,11 @@ from pathlib import Path
 
 from .augment import to_device_tensor
 from .data import load_prepared
+from .errors import MatekdError, ParamsError
 from .models import build_model, count_parameters, model_size_mb
 from .params import Params
 from .runtime import digest_of, stage, write_history_csv
-from .storage import save_tensors, write_json
+from .storage import load_tensors, save_tensors, write_json
 from .train import accuracy, cross_entropy_step, device_labels, fit, prepare_model
 
 TIMING_KEYS = ("seconds", "images_per_second")  # wall-clock: the only non-deterministic metrics
@@ -27,8 +28,6 @@ def teacher_paths(name: str, root: Path = Path(".")) -> dict[str, Path]:
 def run_train_teacher(params: Params, name: str, prepared_dir: str | Path = "prepared",
                       progress: bool = True) -> dict:
     if name not in params.teachers:
-        from .errors import ParamsError
-
         raise ParamsError(f"teacher {name!r} is not listed under teachers in params.yaml "
                           f"(listed: {', '.join(params.teachers)})")
     recipe = params.teachers[name]
@@ -72,10 +71,6 @@ def run_train_teacher(params: Params, name: str, prepared_dir: str | Path = "pre
 
 def load_teacher(name: str, device, root: Path = Path(".")):
     """A trained teacher in eval mode, loaded from safetensors; missing weights fail clearly."""
-    from .errors import MatekdError
-    from .storage import load_tensors
-    from .train import prepare_model
-
     path = teacher_paths(name, root)["weights"]
     if not path.exists():
         raise MatekdError(f"missing teacher weights {path}; run `dvc repro train_teacher@{name}` "
