@@ -72,14 +72,14 @@ def cmd_corrupt(args):
     params = _params(args)
     from .corrupt import run_corrupt
 
-    run_corrupt(params)
+    run_corrupt(params, progress=not args.no_progress)
 
 
 def cmd_evaluate(args):
     params = _params(args)
     from .evaluate import run_evaluate
 
-    run_evaluate(params)
+    run_evaluate(params, progress=not args.no_progress)
 
 
 def cmd_report(args):
