@@ -246,12 +246,15 @@ def test_check_members_rules():
         member.type = kind
         return member
 
-    data._check_members("a.tar", [info("train/cat/0.png"), info("./train", tarfile.DIRTYPE)])
+    from matekd.storage import check_tar_member
+
+    assert check_tar_member("a.tar", info("train/cat/0.png")) == ("train", "cat", "0.png")
+    assert check_tar_member("a.tar", info("./train", tarfile.DIRTYPE)) == ("train",)
     for bad, pattern in [(info("../x"), "escapes"), (info("/abs/x"), "escapes"), (info("a/../../x"), "escapes"),
                          (info("x", tarfile.SYMTYPE), "link"), (info("x", tarfile.LNKTYPE), "link"),
                          (info("x", tarfile.CHRTYPE), "special"), (info("x", tarfile.FIFOTYPE), "special")]:
         with pytest.raises(DataError, match=pattern):
-            data._check_members("a.tar", [info("ok.png"), bad])
+            check_tar_member("a.tar", bad)
 
 
 def test_hostile_pickle_refused_without_running(tmp_path, skip_md5):

@@ -34,12 +34,12 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from .errors import DataError, MatekdError, ParamsError
-from .storage import atomic_dir, load_tensors, save_tensors, sha256_array, sha256_file, write_json
+from .storage import atomic_dir, check_tar_member, load_tensors, save_tensors, sha256_array, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -142,25 +142,7 @@ def find_source(data_dir: str | os.PathLike = "data") -> tuple[str, Path]:
 
 
 # --------------------------------------------------------------------------------------
-# Archive member checks (shared rules with storage.safe_extract_tar)
-
-
-def _check_member(archive: Path | str, member: tarfile.TarInfo) -> tuple[str, ...]:
-    """Normalised path parts of a member; DataError if it is absolute, has `..`, or is not a
-    plain file or folder (symlink, hardlink, device, fifo, sparse file)."""
-    name = member.name
-    parts = PurePosixPath(name).parts
-    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or ".." in parts:
-        raise DataError(f"{archive}: member {name!r} escapes the archive folder; refusing to read it")
-    if not (member.isfile() or member.isdir()) or member.issparse():
-        raise DataError(f"{archive}: member {name!r} is a link or special file; refusing to read it")
-    return tuple(p for p in parts if p not in ("", "."))
-
-
-def _check_members(archive: Path | str, members: Iterable[tarfile.TarInfo]) -> None:
-    """Apply `_check_member` to every member (the rules of storage.safe_extract_tar)."""
-    for member in members:
-        _check_member(archive, member)
+# Archives
 
 
 class _TarBuffer:
@@ -187,7 +169,7 @@ class _TarBuffer:
         view = memoryview(self.data)
         self.files: dict[tuple[str, ...], memoryview] = {}
         for member in members:
-            parts = _check_member(path, member)
+            parts = check_tar_member(path, member)
             if not member.isfile():
                 continue
             end = member.offset_data + member.size

@@ -14,7 +14,7 @@ import shutil
 import struct
 import tarfile
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 import numpy as np
@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from .errors import MatekdError
+from .errors import DataError, MatekdError
 
 
 def repo_root() -> Path:
@@ -238,18 +238,26 @@ def sha256_state(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def check_tar_member(archive: str | os.PathLike, member: tarfile.TarInfo) -> tuple[str, ...]:
+    """A member's normalised path parts; DataError if it is absolute, climbs out with `..`, or is
+    not a plain file or folder (symlink, hardlink, device, fifo, sparse file)."""
+    name = member.name
+    parts = PurePosixPath(name).parts
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or ".." in parts:
+        raise DataError(f"{archive}: member {name!r} escapes the archive folder; refusing to read it")
+    if not (member.isfile() or member.isdir()) or member.issparse():
+        raise DataError(f"{archive}: member {name!r} is a link or special file; refusing to read it")
+    return tuple(p for p in parts if p not in ("", "."))
+
+
 def safe_extract_tar(archive: str | os.PathLike, dest: str | os.PathLike) -> None:
-    """Extract a tar archive, refusing members that escape `dest` or are links or devices."""
+    """Extract a tar archive after checking every member with `check_tar_member`."""
     archive, dest = Path(archive), Path(dest).resolve()
     try:
         with tarfile.open(archive) as tar:
             members = tar.getmembers()
             for member in members:
-                target = (dest / member.name).resolve()
-                if member.name.startswith("/") or not target.is_relative_to(dest):
-                    raise MatekdError(f"{archive}: member {member.name!r} escapes the target folder; refusing to extract")
-                if not (member.isfile() or member.isdir()):
-                    raise MatekdError(f"{archive}: member {member.name!r} is a link or special file; refusing to extract")
+                check_tar_member(archive, member)
             tar.extractall(dest, members=members, filter="data")
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise MatekdError(f"{archive} is truncated or corrupt ({exc})") from exc
