@@ -647,3 +647,12 @@ def test_load_corrupted_reports_missing_and_bad_files(tmp_path):
     np.save(tmp_path / "c" / "contrast.npy", np.zeros((3, 32, 32, 3), dtype=np.uint8))
     with pytest.raises(DataError, match="contrast.npy"):
         stage.load_corrupted(tmp_path / "c")
+
+
+def test_stage_refuses_a_subset_larger_than_the_prepared_test_set(tmp_path):
+    from matekd.errors import ParamsError
+
+    with pytest.raises(ParamsError, match=r"corrupt.images_per_class = 3 .* 2 images per class"):
+        stage.run_corrupt(make_params(images_per_class=3, corruptions=["contrast"]), out_dir=tmp_path / "c",
+                          prepared=fake_prepared(n_per_class=2), progress=False)
+    assert not (tmp_path / "c").exists()

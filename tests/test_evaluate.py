@@ -200,7 +200,7 @@ def stage_files(tmp_path, monkeypatch):
     c_manifest = {"kind": "regenerated", "seed": 3, "skipped": {"frost": "no textures"},
                   "prepared_manifest_sha256": "h" * 64}
     monkeypatch.setattr(ev, "load_prepared", lambda *a, **k: prepared)
-    monkeypatch.setattr(ev, "_load_corrupted", lambda *a, **k: (corrupted, c_labels, c_manifest))
+    monkeypatch.setattr(ev, "load_corrupted", lambda *a, **k: (corrupted, c_labels, c_manifest))
     torch.manual_seed(0)
     r20 = build_model("resnet20")
     save_tensors("models/teachers/resnet20.safetensors", r20.state_dict(), {"architecture": "resnet20"})

@@ -21,6 +21,7 @@ import numpy as np
 from .corruptions import (CORRUPTIONS, EXTRA_4, SEVERITIES, STANDARD_15, FrostUnavailable, corrupt,
                           frost_texture_files)
 from .errors import DataError, MatekdError, ParamsError
+from .data import load_prepared, stratified_split
 from .params import Params
 from .runtime import stage
 from .storage import atomic_dir, read_json, sha256_array, sha256_file, write_json
@@ -47,23 +48,6 @@ def resolve_corruptions(names: list[str] | None) -> list[str]:
 def resolve_frost_dir(frost_dir: str) -> str:
     """params corrupt.frost_dir, else $MATEKD_FROST, else "" (frost is then skipped)."""
     return frost_dir or os.environ.get("MATEKD_FROST", "")
-
-
-def stratified_subset(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
-    """Sorted indices of `per_class` images of each class drawn without replacement (seeded);
-    all indices when per_class is None."""
-    labels = np.asarray(labels)
-    if per_class is None:
-        return np.arange(len(labels))
-    rng = np.random.default_rng([int(seed), 0xC10C])
-    picked = []
-    for cls in np.unique(labels):
-        idx = np.nonzero(labels == cls)[0]
-        if len(idx) < per_class:
-            raise DataError(f"corrupt.images_per_class = {per_class} but the prepared test set has only "
-                            f"{len(idx)} images of class {int(cls)}; lower it or prepare more test images")
-        picked.append(rng.choice(idx, size=per_class, replace=False))
-    return np.sort(np.concatenate(picked))
 
 
 def prepared_source_kind(manifest: dict) -> str:
@@ -172,11 +156,13 @@ def run_corrupt(params: Params, prepared_dir: str | Path = "prepared", out_dir: 
     cp = params.corrupt
     names = resolve_corruptions(cp.corruptions)
     if prepared is None:
-        from .data import load_prepared
-
         prepared = load_prepared(prepared_dir)
     source_kind = prepared_source_kind(prepared.manifest)
-    subset = stratified_subset(prepared.test_labels, cp.images_per_class, cp.seed)
+    # The prepared test set is already a stratified sample; corrupt a seeded, stratified part of it.
+    labels_all = np.asarray(prepared.test_labels)
+    subset = np.arange(len(labels_all)) if cp.images_per_class is None else stratified_split(
+        labels_all, np.random.default_rng([cp.seed, 0xC10C]), (cp.images_per_class,),
+        ("corrupt.images_per_class",))[0]
     images = np.ascontiguousarray(np.asarray(prepared.test_images)[subset])
     labels = np.asarray(prepared.test_labels)[subset]
     test_index = np.asarray(prepared.test_index, dtype=np.int64)[subset]

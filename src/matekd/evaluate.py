@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -29,6 +28,7 @@ from .augment import to_device_tensor
 from .corruptions import CORRUPTIONS as ALL_CORRUPTIONS
 from .corruptions import EXTRA_4 as EXTRA_CORRUPTIONS
 from .corruptions import STANDARD_15 as STANDARD_CORRUPTIONS
+from .corrupt import load_corrupted
 from .data import load_prepared
 from .distill import similarity, teacher_weights, weight_statistics
 from .errors import MatekdError
@@ -281,14 +281,6 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def _load_corrupted(folder: str | os.PathLike = "cifar10c"):
-    """CIFAR-10-C as (dict name -> uint8 [5n,32,32,3], labels [5n], manifest); imported lazily
-    so this module imports while corrupt.py is absent."""
-    from .corrupt import load_corrupted
-
-    return load_corrupted(folder)
-
-
 def load_student(path: Path, default_architecture: str, device: torch.device) -> tuple[nn.Module, dict]:
     """A trained student in eval mode (architecture from the file's metadata, else the param)."""
     state, meta = load_tensors(path)
@@ -372,7 +364,7 @@ def run_evaluate(params: Params, prepared_dir: str | Path = "prepared", corrupte
     root = Path(root)
     cfg = params.evaluate
     data = load_prepared(prepared_dir)
-    corrupted, c_labels, c_manifest = _load_corrupted(corrupted_dir)
+    corrupted, c_labels, c_manifest = load_corrupted(corrupted_dir)
     student_files = sorted((root / "models" / "student").glob("*.safetensors"))
     num_classes = len(data.class_names)
     data_label, c_label = dataset_label(data.manifest), corruption_label(c_manifest)
