@@ -128,14 +128,6 @@ def open_official(source: str | Path, names: list[str], test_index: np.ndarray,
     return arrays, rows, np.asarray(all_labels[rows], dtype=np.uint8)
 
 
-def read_official(source: str | Path, names: list[str], test_index: np.ndarray,
-                  expected_labels: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """({name: uint8 (5n, 32, 32, 3)}, labels (5n,)) of the official files for the given
-    test indices, in the official layout (see open_official)."""
-    arrays, rows, labels = open_official(source, names, test_index, expected_labels)
-    return {name: np.ascontiguousarray(data[rows]) for name, data in arrays.items()}, labels
-
-
 def _load_npy(path: Path) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"missing file {path}")

@@ -229,15 +229,6 @@ def sha256_array(array: np.ndarray | torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def sha256_state(tensors: dict[str, torch.Tensor]) -> str:
-    """Hash of a state dict, independent of file layout."""
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        digest.update(key.encode())
-        digest.update(sha256_array(tensors[key]).encode())
-    return digest.hexdigest()
-
-
 def check_tar_member(archive: str | os.PathLike, member: tarfile.TarInfo) -> tuple[str, ...]:
     """A member's normalised path parts; DataError if it is absolute, climbs out with `..`, or is
     not a plain file or folder (symlink, hardlink, device, fifo, sparse file)."""
