@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
-# Tests: set up the environment and run pytest (extra arguments go to pytest).
+# Tests: set up the environment, lint, and run pytest (extra arguments go to pytest).
 source "$(dirname "${BASH_SOURCE[0]}")/setup-env.sh"
+ruff check src tests
 exec python -m pytest -q "$@"

@@ -6,8 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from matekd.augment import (CIFAR_MEAN, CIFAR_STD, crop_flip, normalize, num_variants,
-                            sample_crop_flip, shift_maps, to_device_tensor, variant_index)
+from matekd.augment import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    crop_flip,
+    normalize,
+    num_variants,
+    sample_crop_flip,
+    shift_maps,
+    to_device_tensor,
+    variant_index,
+)
 from matekd.errors import DataError
 
 torch.set_num_threads(1)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-import matekd.data
+import matekd.stages.prepare
 from matekd.cli import build_parser, main
 from matekd.errors import DataError
 from matekd.params import Params
@@ -21,7 +21,8 @@ torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = str(ROOT / "params.yaml")
-STAGES = ("fetch", "prepare", "train-teacher", "cache", "distill", "corrupt", "evaluate", "report", "tune", "bench")
+STAGES = ("fetch", "prepare", "train-teacher", "cache", "method-inputs", "distill", "ablation", "corrupt", "evaluate",
+          "report", "tune", "bench", "sync-runs", "methods", "gpu-run")
 
 
 def python(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -50,9 +51,9 @@ def test_parser_has_exactly_the_stages(capsys: pytest.CaptureFixture) -> None:
     assert set(sub.choices) == set(STAGES)
 
 
-@pytest.mark.parametrize("stage", [s for s in STAGES if s != "fetch"])
+@pytest.mark.parametrize("stage", [s for s in STAGES if s not in ("fetch", "sync-runs", "methods", "gpu-run")])
 def test_every_stage_takes_params_and_set(stage: str) -> None:
-    extra = ["resnet110"] if stage in ("train-teacher", "cache") else []
+    extra = {"train-teacher": ["resnet110"], "cache": ["resnet110"], "method-inputs": ["ce"]}.get(stage, [])
     args = build_parser().parse_args([stage, *extra, "--params", "p.yaml", "--set", "a.b=1", "-S", "c=2"])
     assert args.params == "p.yaml" and args.set == ["a.b=1", "c=2"]
 
@@ -61,7 +62,7 @@ def test_every_stage_takes_params_and_set(stage: str) -> None:
 def captured(monkeypatch: pytest.MonkeyPatch) -> list[Params]:
     """Replace the prepare stage with one that records the params it was given."""
     seen: list[Params] = []
-    monkeypatch.setattr(matekd.data, "run_prepare", seen.append)
+    monkeypatch.setattr(matekd.stages.prepare, "run_prepare", seen.append)
     return seen
 
 
@@ -69,7 +70,7 @@ def test_stage_error_exits_2_with_one_line(monkeypatch: pytest.MonkeyPatch, caps
     def boom(params: Any) -> None:
         raise DataError("boom")
 
-    monkeypatch.setattr(matekd.data, "run_prepare", boom)
+    monkeypatch.setattr(matekd.stages.prepare, "run_prepare", boom)
     assert main(["prepare", "--params", PARAMS]) == 2
     captured = capsys.readouterr()
     assert captured.err == "error: boom\n"
@@ -80,7 +81,7 @@ def test_other_exceptions_are_not_swallowed(monkeypatch: pytest.MonkeyPatch) -> 
     def bug(params: Any) -> None:
         raise ZeroDivisionError("a bug, not a user error")
 
-    monkeypatch.setattr(matekd.data, "run_prepare", bug)
+    monkeypatch.setattr(matekd.stages.prepare, "run_prepare", bug)
     with pytest.raises(ZeroDivisionError):
         main(["prepare", "--params", PARAMS])
 

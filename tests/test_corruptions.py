@@ -1,14 +1,17 @@
-"""CIFAR-10-C corruptions (matekd.corruptions) and the corrupt stage (matekd.corrupt).
+"""CIFAR-10-C corruptions (matekd.corruptions), the official-layout library (matekd.cifar10c)
+and the corrupt stage (matekd.stages.corrupt).
 
 Exact references are written here independently: PIL for pixelate/jpeg, colorsys for HSV,
 the official per-pixel glass-blur loop, scipy.ndimage.zoom / map_coordinates, a Dijkstra
-chamfer distance and per-pixel loops for motion blur, Canny and equalizeHist.
+chamfer distance, per-pixel loops for motion blur, Canny and equalizeHist, and a motion blur
+computed by hand whose 8-bit values were checked against ImageMagick itself.
 """
 
 from __future__ import annotations
 
 import colorsys
 import io
+import itertools
 import json
 import math
 import os
@@ -23,9 +26,10 @@ from scipy import ndimage
 from scipy.sparse import lil_matrix
 from scipy.sparse.csgraph import dijkstra
 
-from matekd import corrupt as stage
+from matekd import cifar10c
 from matekd import corruptions as C
 from matekd.errors import DataError, MatekdError, ParamsError
+from matekd.stages import corrupt as stage
 
 torch.set_num_threads(1)
 
@@ -168,7 +172,7 @@ def test_chunks_have_their_own_streams(images, monkeypatch):
 def test_noise_distance_grows_with_severity(images):
     for name in ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise"):
         dist = [np.abs(C.corrupt(images, name, s, seed=0).astype(float) - images).mean() for s in C.SEVERITIES]
-        assert all(b > a for a, b in zip(dist, dist[1:])), (name, dist)
+        assert all(b > a for a, b in itertools.pairwise(dist)), (name, dist)
 
 
 # ----------------------------------------------------------------------------- exact definitions
@@ -217,11 +221,11 @@ def test_brightness_and_saturate_match_colorsys(images):
     for severity in (1, 5):
         c = (0.05, 0.10, 0.15, 0.20, 0.30)[severity - 1]
         got = C.corrupt(sub, "brightness", severity, 0).astype(int)
-        ref = np.stack([_hsv_reference(im, lambda h, s, v: (h, s, min(v + c, 1.0))) for im in sub])
+        ref = np.stack([_hsv_reference(im, lambda h, s, v, c=c: (h, s, min(v + c, 1.0))) for im in sub])
         assert np.abs(got - ref).max() <= 1 and (got == ref).mean() > 0.99  # float ties at integer steps
         scale, offset = ((0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2))[severity - 1]
         got = C.corrupt(sub, "saturate", severity, 0).astype(int)
-        ref = np.stack([_hsv_reference(im, lambda h, s, v: (h, min(max(s * scale + offset, 0.0), 1.0), v))
+        ref = np.stack([_hsv_reference(im, lambda h, s, v, a=scale, b=offset: (h, min(max(s * a + b, 0.0), 1.0), v))
                         for im in sub])
         assert np.abs(got - ref).max() <= 1 and (got == ref).mean() > 0.99
 
@@ -289,23 +293,95 @@ def test_glass_blur_vectorised_equals_sequential_loop(images):
         assert np.array_equal(got, ref), severity
 
 
-def test_motion_blur_kernel_matches_per_pixel_reference(images):
-    x = images[:2].astype(np.float64)
-    angles = np.array([0.0, 30.0])
-    radius, sigma = 6, 1.5
-    got = C.motion_blur_batch(x, radius, sigma, angles)
+def _per_pixel_motion_blur(x: np.ndarray, radius: float, sigma: float, angles: np.ndarray) -> np.ndarray:
+    """ImageMagick's one-sided motion blur, pixel by pixel, on (N, H, W, C) floats."""
     width = 2 * math.ceil(radius) + 1
     w = np.exp(-np.arange(width) ** 2 / (2 * sigma ** 2))
     w /= w.sum()
-    ref = np.zeros_like(x)
+    h, wd = x.shape[1:3]
+    ref = np.zeros(x.shape)
     for n, a in enumerate(np.deg2rad(angles)):
-        for r in range(32):
-            for c in range(32):
-                for i in range(width):
-                    rr = min(max(r + math.ceil(i * math.sin(a) - 0.5), 0), 31)
-                    cc = min(max(c + math.ceil(i * math.cos(a) - 0.5), 0), 31)
-                    ref[n, r, c] += w[i] * x[n, rr, cc]
-    assert np.allclose(got, ref, atol=1e-9)
+        for i in range(width):
+            dr, dc = math.ceil(i * math.sin(a) - 0.5), math.ceil(i * math.cos(a) - 0.5)
+            for r in range(h):
+                for c in range(wd):
+                    ref[n, r, c] += w[i] * x[n, min(max(r + dr, 0), h - 1), min(max(c + dc, 0), wd - 1)]
+    return ref
+
+
+def _imagemagick_8bit(x: np.ndarray) -> np.ndarray:
+    """ImageMagick Q16: round to the nearest 16-bit level (257 per 8-bit step), export truncating."""
+    return np.floor(np.floor(np.clip(x, 0, 255) * 257 + 0.5) / 257)
+
+
+def test_motion_blur_kernel_matches_per_pixel_reference(images):
+    x = images[:2].astype(np.float64)
+    angles = np.array([0.0, 30.0])
+    got = C.motion_blur_batch(x, 6, 1.5, angles)
+    assert np.allclose(got, _per_pixel_motion_blur(x, 6, 1.5, angles), atol=1e-9)
+
+
+def test_imagemagick_quantisation_rounds_to_16_bit_then_truncates():
+    # 16-bit level floor(257 x + 0.5), 8-bit export floor(level / 257): floor(x) except within
+    # 0.5/257 below an integer (13 * 257 = 3341, reached from 12 + 256.5/257 = 12.998054...)
+    x = np.array([-3.0, 0.0, 12.0, 12.4, 12.5, 12.7, 12.99, 12.998, 12.9981, 12.999, 254.9, 255.0, 300.0])
+    assert C.imagemagick_to_uint8(x).tolist() == [0, 0, 12, 12, 12, 12, 12, 12, 13, 13, 254, 255, 255]
+    assert C.imagemagick_to_uint8(x).dtype == np.uint8
+
+
+def test_motion_blur_by_hand_at_zero_degrees():
+    # radius 1 -> width 2*1+1 = 3 taps; sigma 1: weights exp(-i^2 / 2), i = 0, 1, 2, normalised
+    e = [1.0, math.exp(-0.5), math.exp(-2.0)]
+    w = [v / sum(e) for v in e]
+    assert [round(v, 6) for v in w] == [0.574097, 0.348207, 0.077696]
+    # angle 0: tap i reads column c + ceil(i - 0.5) = c + i of the same row; the last column repeats
+    row = [12, 14, 12, 9, 0, 24, 34, 34]
+    exact = [w[0] * row[c] + w[1] * row[min(c + 1, 7)] + w[2] * row[min(c + 2, 7)] for c in range(8)]
+    assert [round(v, 4) for v in exact] == [12.6964, 12.9151, 10.0230, 7.0316, 10.9986, 28.2590, 34.0, 34.0]
+    img = np.array([row, row], dtype=np.uint8).reshape(1, 2, 8, 1)
+    angle = np.array([0.0])
+    assert np.allclose(C.motion_blur_batch(img.astype(np.float64), 1, 1, angle)[0, :, :, 0], [exact, exact],
+                       atol=1e-12)
+    # ImageMagick 6.9.11-60 Q16 (`convert row.png -motion-blur 1x1+0 out.png`) writes exactly these:
+    # 12.70 and 12.92 truncate to 12 (not 13); 10.9986 lies within 0.5/257 of 11, so its 16-bit level is
+    # already 11 * 257 and it stays 11 (plain flooring would give 10)
+    imagemagick = [12, 12, 10, 7, 11, 28, 34, 34]
+    got = C.imagemagick_motion_blur(img, 1, 1, angle)
+    assert got.dtype == np.uint8 and got[0, :, :, 0].tolist() == [imagemagick, imagemagick]
+    assert np.rint(exact).astype(int).tolist() == [13, 13, 10, 7, 11, 28, 34, 34]  # what rounding gave
+
+
+def test_motion_blur_corruption_is_the_quantised_reference(images):
+    sub = images[:2]
+    for severity in (1, 5):
+        radius, sigma = C.SEVERITY_PARAMS["motion_blur"][severity - 1]
+        got = C.motion_blur(sub, severity, np.random.default_rng(severity))
+        angles = np.random.default_rng(severity).uniform(-45, 45, size=len(sub))  # the same draw
+        exact = _per_pixel_motion_blur(sub.astype(np.float64), radius, sigma, angles)
+        assert np.array_equal(got, _imagemagick_8bit(exact)), severity
+        assert (got != np.rint(exact)).mean() > 0.2  # rounding would differ on many values
+
+
+def test_snow_layer_is_quantised_like_imagemagick():
+    # on black images the whitening is a constant, so the output shows the layer's 8-bit values
+    black = np.zeros((3, 32, 32, 3), dtype=np.uint8)
+    for severity in (1, 4):
+        mean, std, zoom, thr, radius, sigma, blend = C.SEVERITY_PARAMS["snow"][severity - 1]
+        got = C.snow(black, severity, np.random.default_rng(severity))
+        rng = np.random.default_rng(severity)  # replay the draws: the normal field, then the angles
+        field = rng.normal(size=(3, 32, 32), loc=mean, scale=std)
+        field = np.stack([_official_clipped_zoom(f[..., None], zoom)[..., 0] for f in field])
+        field[field < thr] = 0
+        layer8 = (np.clip(field, 0, 1) * 255).astype(np.uint8)
+        angles = rng.uniform(-135, -45, size=3)
+        blurred = _per_pixel_motion_blur(layer8[..., None].astype(np.float64), radius, sigma, angles)
+        x = black.astype(np.float32) / 255
+        white = blend * x + (1 - blend) * np.maximum(x, x[..., :1] * 1.5 + 0.5)
+        truncated, rounded = _imagemagick_8bit(blurred) / 255, np.rint(blurred) / 255
+        expected = np.floor(np.clip(white + truncated + truncated[:, ::-1, ::-1], 0, 1) * 255)
+        assert np.array_equal(got, expected), severity
+        with_rounding = np.floor(np.clip(white + rounded + rounded[:, ::-1, ::-1], 0, 1) * 255)
+        assert not np.array_equal(got, with_rounding), severity
 
 
 def test_map_coordinates_reflect_matches_scipy():
@@ -506,7 +582,7 @@ def test_stage_regenerates_in_official_layout(tmp_path, monkeypatch, capsys):
     assert manifest["standard_15_complete"] is False
     assert set(manifest["versions"]) >= {"numpy", "scipy", "pillow", "torch"}
     assert json.loads((out / "manifest.json").read_text()) == json.loads(json.dumps(manifest))
-    arrays, labels, loaded = stage.load_corrupted(out)
+    arrays, labels, loaded = cifar10c.load_corrupted(out)
     assert np.array_equal(labels, np.tile(prepared.test_labels, 5).astype(np.uint8)) and labels.dtype == np.uint8
     for name in ("gaussian_noise", "contrast"):
         assert arrays[name].shape == (5 * n, 32, 32, 3)
@@ -525,7 +601,7 @@ def test_stage_records_frost_textures_and_subsets(tmp_path, monkeypatch, frost_d
     assert manifest["corruptions"] == ["frost"] and manifest["skipped"] == {}
     assert set(manifest["frost"]["sha256"]) == set(C.FROST_FILES)
     assert manifest["images"] == 10
-    arrays, labels, _ = stage.load_corrupted(tmp_path / "c")
+    _, labels, _ = cifar10c.load_corrupted(tmp_path / "c")
     assert sorted(labels[:10].tolist()) == list(range(10))  # one image per class
     # the subset keeps the prepared order and the same seed picks the same images
     again = stage.run_corrupt(params, out_dir=tmp_path / "d", prepared=prepared, progress=False)
@@ -546,7 +622,7 @@ def test_stage_leaves_nothing_on_failure(tmp_path, monkeypatch):
             raise RuntimeError("boom")
         return images
 
-    monkeypatch.setattr(stage, "corrupt", failing)
+    monkeypatch.setattr(cifar10c, "corrupt", failing)
     with pytest.raises(RuntimeError, match="boom"):
         stage.run_corrupt(make_params(corruptions=["gaussian_noise", "contrast"]), out_dir=out,
                           prepared=prepared, progress=False)
@@ -562,7 +638,7 @@ def test_stage_replaces_a_previous_output_completely(tmp_path):
     manifest = stage.run_corrupt(make_params(corruptions=["fog"], seed=2), out_dir=out,
                                  prepared=fake_prepared(), progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["fog.npy", "labels.npy", "manifest.json"]
-    assert manifest["seed"] == 2 and stage.load_corrupted(out)[2]["corruptions"] == ["fog"]
+    assert manifest["seed"] == 2 and cifar10c.load_corrupted(out)[2]["corruptions"] == ["fog"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar10c"]
 
 
@@ -595,7 +671,7 @@ def test_stage_reads_official_layout(tmp_path):
     manifest = stage.run_corrupt(make_params(source=str(src)), out_dir=tmp_path / "out", prepared=prepared,
                                  progress=False)
     assert manifest["kind"] == "official" and manifest["corruptions"] == list(C.CORRUPTIONS)
-    arrays, labels, _ = stage.load_corrupted(tmp_path / "out")
+    arrays, labels, _ = cifar10c.load_corrupted(tmp_path / "out")
     n = len(prepared.test_index)
     assert np.array_equal(labels, np.tile(prepared.test_labels, 5))
     for k, name in enumerate(C.CORRUPTIONS):
@@ -641,12 +717,12 @@ def test_official_reader_validates(tmp_path):
 
 def test_load_corrupted_reports_missing_and_bad_files(tmp_path):
     with pytest.raises(DataError, match="run the corrupt stage"):
-        stage.load_corrupted(tmp_path / "none")
+        cifar10c.load_corrupted(tmp_path / "none")
     stage.run_corrupt(make_params(corruptions=["contrast"]), out_dir=tmp_path / "c", prepared=fake_prepared(),
                       progress=False)
     np.save(tmp_path / "c" / "contrast.npy", np.zeros((3, 32, 32, 3), dtype=np.uint8))
     with pytest.raises(DataError, match="contrast.npy"):
-        stage.load_corrupted(tmp_path / "c")
+        cifar10c.load_corrupted(tmp_path / "c")
 
 
 def test_stage_refuses_a_subset_larger_than_the_prepared_test_set(tmp_path):

@@ -12,8 +12,11 @@ import pytest
 import torch
 
 import helpers_data as h
-from matekd import data
+from matekd.data import fetch as fetching
+from matekd.data import prepared, sources
+from matekd.data.prepare import stratified_split
 from matekd.errors import DataError, ParamsError
+from matekd.stages.prepare import run_prepare
 from matekd.storage import sha256_array
 
 torch.set_num_threads(1)
@@ -44,8 +47,8 @@ def _leftovers(folder: Path) -> list[str]:
 def test_canonical_archive_reads_exact_images_and_labels(tmp_path, skip_md5, style):
     archive = tmp_path / "cifar-10-python.tar.gz"
     train_x, train_y, test_x, test_y = h.write_canonical(archive, 3, 2, style=style)
-    assert data.find_source(tmp_path) == ("cifar10-python", archive)
-    raw = data.read_source(*data.find_source(tmp_path))
+    assert sources.find_source(tmp_path) == ("cifar10-python", archive)
+    raw = sources.read_source(*sources.find_source(tmp_path))
     assert raw.train_images.shape == (30, 32, 32, 3) and raw.train_images.dtype == np.uint8
     assert raw.test_images.shape == (20, 32, 32, 3)
     np.testing.assert_array_equal(raw.train_images, train_x)
@@ -59,15 +62,15 @@ def test_canonical_archive_reads_exact_images_and_labels(tmp_path, skip_md5, sty
 def test_canonical_folder_and_renamed_archive(tmp_path, skip_md5):
     folder = tmp_path / "a" / "cifar-10-batches-py"
     truth = h.write_canonical(folder, 2, 1, as_dir=True)
-    assert data.find_source(folder.parent) == ("cifar10-python", folder)
-    raw = data.read_source(*data.find_source(folder.parent))
+    assert sources.find_source(folder.parent) == ("cifar10-python", folder)
+    raw = sources.read_source(*sources.find_source(folder.parent))
     np.testing.assert_array_equal(raw.train_images, truth[0])
     np.testing.assert_array_equal(raw.test_labels, truth[3])
     renamed = tmp_path / "b" / "my-cifar.tgz"
     renamed.parent.mkdir()
     h.write_canonical(renamed, 2, 1)
-    assert data.find_source(renamed.parent) == ("cifar10-python", renamed)
-    np.testing.assert_array_equal(data.read_source("cifar10-python", renamed).train_labels, truth[1])
+    assert sources.find_source(renamed.parent) == ("cifar10-python", renamed)
+    np.testing.assert_array_equal(sources.read_source("cifar10-python", renamed).train_labels, truth[1])
 
 
 def test_canonical_md5_mismatch_names_file_and_both_hashes(tmp_path, monkeypatch):
@@ -76,7 +79,7 @@ def test_canonical_md5_mismatch_names_file_and_both_hashes(tmp_path, monkeypatch
     h.write_canonical(archive, 1, 1)
     actual = hashlib.md5(archive.read_bytes()).hexdigest()
     with pytest.raises(DataError, match="md5 mismatch") as err:
-        data.read_source("cifar10-python", archive)
+        sources.read_source("cifar10-python", archive)
     message = str(err.value)
     assert str(archive) in message and "c58f30108f718f92721af3b95e74349a" in message and actual in message
 
@@ -86,7 +89,7 @@ def test_canonical_folder_batches_checked_against_published_md5(tmp_path, monkey
     folder = tmp_path / "cifar-10-batches-py"
     h.write_canonical(folder, 1, 1, as_dir=True)
     with pytest.raises(DataError, match="md5 mismatch.*data_batch_1.*c99cafc152244af753f735de768cd75f"):
-        data.read_source("cifar10-python", folder)
+        sources.read_source("cifar10-python", folder)
 
 
 @pytest.mark.parametrize("fmt,top", [("jpg", None), ("png", "cifar10")])
@@ -94,8 +97,8 @@ def test_image_folder_archive(tmp_path, fmt, top):
     archive = tmp_path / "mirror.tar.gz"
     train_x, train_y, test_x, test_y = h.write_image_folder(archive, 3, 2, fmt=fmt, top=top,
                                                             extra={"README.txt": b"not an image"})
-    assert data.find_source(tmp_path) == ("image-folder", archive)
-    raw = data.read_source("image-folder", archive)
+    assert sources.find_source(tmp_path) == ("image-folder", archive)
+    raw = sources.read_source("image-folder", archive)
     assert raw.train_images.shape == (30, 32, 32, 3) and raw.test_images.shape == (20, 32, 32, 3)
     np.testing.assert_array_equal(raw.train_labels, train_y)
     np.testing.assert_array_equal(raw.test_labels, test_y)
@@ -113,21 +116,21 @@ def test_image_folder_archive(tmp_path, fmt, top):
 def test_image_folder_directory_and_plain_tar(tmp_path):
     folder = tmp_path / "d"
     truth = h.write_image_folder(folder, 2, 1, fmt="png", as_dir=True)
-    assert data.find_source(folder) == ("image-folder", folder)
-    raw = data.read_source("image-folder", folder)
+    assert sources.find_source(folder) == ("image-folder", folder)
+    raw = sources.read_source("image-folder", folder)
     np.testing.assert_array_equal(raw.train_images, truth[0])
     np.testing.assert_array_equal(raw.test_labels, truth[3])
     plain = tmp_path / "t" / "cifar.tar"
     plain.parent.mkdir()
     h.write_image_folder(plain, 2, 1, fmt="png")
-    np.testing.assert_array_equal(data.read_source(*data.find_source(plain.parent)).train_images, truth[0])
+    np.testing.assert_array_equal(sources.read_source(*sources.find_source(plain.parent)).train_images, truth[0])
 
 
 def test_image_folder_order_is_deterministic_not_archive_order(tmp_path):
     a, b = tmp_path / "a.tar.gz", tmp_path / "b.tar.gz"
     h.write_image_folder(a, 2, 1, fmt="png", shuffle_members=True)
     h.write_image_folder(b, 2, 1, fmt="png", shuffle_members=False)
-    ra, rb = data.read_source("image-folder", a), data.read_source("image-folder", b)
+    ra, rb = sources.read_source("image-folder", a), sources.read_source("image-folder", b)
     np.testing.assert_array_equal(ra.train_images, rb.train_images)
     np.testing.assert_array_equal(ra.test_images, rb.test_images)
 
@@ -139,13 +142,13 @@ def test_image_folder_order_is_deterministic_not_archive_order(tmp_path):
 def test_no_source_lists_places_and_remedies(tmp_path):
     (tmp_path / "data").mkdir()
     with pytest.raises(DataError) as err:
-        data.find_source(tmp_path / "data")
+        sources.find_source(tmp_path / "data")
     message = str(err.value)
     for place in ("cifar-10-python.tar.gz", "cifar-10-batches-py", "*.tar.gz", "*.tgz", "*.tar", "train/", "test/"):
         assert place in message
     assert "MATEKD_CIFAR10=" in message and "--download" in message and "dvc add data" in message
     with pytest.raises(DataError, match="no CIFAR-10 source found"):
-        data.find_source(tmp_path / "missing")
+        sources.find_source(tmp_path / "missing")
 
 
 @pytest.mark.parametrize("kind", ["canonical", "folder"])
@@ -160,7 +163,7 @@ def test_truncated_archive_fails_cleanly(tmp_path, monkeypatch, skip_md5, kind):
         h.write_image_folder(archive, 2, 1, fmt="png")
     h.truncate_half(archive)
     with pytest.raises(DataError, match="truncated or corrupt") as err:
-        data.run_prepare(h.make_params())
+        run_prepare(h.make_params())
     assert str(Path("data") / archive.name) in str(err.value)
     assert not (tmp_path / "prepared").exists()
     assert _leftovers(tmp_path) == []
@@ -178,7 +181,7 @@ def test_truncated_plain_tar_detected(tmp_path, cut):
     blob = plain.read_bytes()
     plain.write_bytes(blob[:int(content_end * cut)])  # at a header, in a header, in member data
     with pytest.raises(DataError, match="is truncated") as err:
-        data.read_source("image-folder", plain)
+        sources.read_source("image-folder", plain)
     assert str(plain) in str(err.value)
 
 
@@ -186,7 +189,7 @@ def test_missing_class_folder_is_named(tmp_path):
     archive = tmp_path / "m.tar.gz"
     h.write_image_folder(archive, 2, 1, drop=("test/horse/",))
     with pytest.raises(DataError, match="missing class folder.*test/horse"):
-        data.read_source("image-folder", archive)
+        sources.read_source("image-folder", archive)
 
 
 def test_unknown_class_folder_refused(tmp_path):
@@ -194,7 +197,7 @@ def test_unknown_class_folder_refused(tmp_path):
     png = h.encode_image(np.zeros((32, 32, 3), np.uint8), "png")
     h.write_image_folder(archive, 1, 1, fmt="png", extra={"train/unicorn/0000.png": png})
     with pytest.raises(DataError, match="unexpected class folder train/unicorn"):
-        data.read_source("image-folder", archive)
+        sources.read_source("image-folder", archive)
 
 
 @pytest.mark.parametrize("name,blob,pattern", [
@@ -210,7 +213,7 @@ def test_bad_images_are_named(tmp_path, name, blob, pattern):
     archive = tmp_path / "m.tar.gz"
     h.write_image_folder(archive, 2, 1, extra={name: blob})
     with pytest.raises(DataError) as err:
-        data.read_source("image-folder", archive)
+        sources.read_source("image-folder", archive)
     assert name in str(err.value) and pattern in str(err.value)
 
 
@@ -220,7 +223,7 @@ def test_escaping_members_refused(tmp_path, member):
     png = h.encode_image(np.zeros((32, 32, 3), np.uint8), "png")
     h.write_image_folder(archive, 1, 1, fmt="png", extra={member: png})
     with pytest.raises(DataError, match="escapes the archive folder"):
-        data.read_source("image-folder", archive)
+        sources.read_source("image-folder", archive)
     assert not (tmp_path.parent / "evil.png").exists()
 
 
@@ -228,14 +231,14 @@ def test_symlink_member_refused(tmp_path, skip_md5):
     archive = tmp_path / "m.tar.gz"
     h.write_image_folder(archive, 1, 1, fmt="png", symlinks={"train/cat/link.png": "/etc/passwd"})
     with pytest.raises(DataError, match="link or special file"):
-        data.read_source("image-folder", archive)
+        sources.read_source("image-folder", archive)
     canonical = tmp_path / "c" / "cifar-10-python.tar.gz"
     canonical.parent.mkdir()
     files, _ = h.canonical_files(1, 1)
     h.write_tar(canonical, {f"cifar-10-batches-py/{k}": v for k, v in files.items() if k != "test_batch"},
                 symlinks={"cifar-10-batches-py/test_batch": "/etc/passwd"})
     with pytest.raises(DataError, match="link or special file"):
-        data.read_source("cifar10-python", canonical)
+        sources.read_source("cifar10-python", canonical)
 
 
 def test_check_members_rules():
@@ -268,7 +271,7 @@ def test_hostile_pickle_refused_without_running(tmp_path, skip_md5):
     assert proof.exists()
     h.write_canonical(archive, 1, 1, replace={"data_batch_1": h.hostile_batch(sentinel)})
     with pytest.raises(DataError, match=r"refusing to unpickle (posix|os|nt)\.system"):
-        data.read_source("cifar10-python", archive)
+        sources.read_source("cifar10-python", archive)
     assert not sentinel.exists()
 
 
@@ -279,7 +282,7 @@ def test_pickle_with_other_globals_refused(tmp_path, skip_md5):
     blob = pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [0], b"x": Path("y")}, protocol=2)
     h.write_canonical(folder, 1, 1, as_dir=True, replace={"test_batch": blob})
     with pytest.raises(DataError, match=r"refusing to unpickle pathlib\.PosixPath"):
-        data.read_source("cifar10-python", folder)
+        sources.read_source("cifar10-python", folder)
 
 
 def test_batch_with_wrong_content_refused(tmp_path, skip_md5):
@@ -287,18 +290,18 @@ def test_batch_with_wrong_content_refused(tmp_path, skip_md5):
     bad = h.pickle_batch({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]})
     h.write_canonical(folder, 1, 1, as_dir=True, replace={"data_batch_3": bad})
     with pytest.raises(DataError, match=r"data_batch_3.*\(N, 3072\)"):
-        data.read_source("cifar10-python", folder)
+        sources.read_source("cifar10-python", folder)
     h.write_canonical(tmp_path / "x" / "cifar-10-batches-py", 1, 1, as_dir=True,
                       replace={"test_batch": b"\x80\x02garbage"})
     with pytest.raises(DataError, match="test_batch is not a valid CIFAR-10 batch"):
-        data.read_source("cifar10-python", tmp_path / "x" / "cifar-10-batches-py")
+        sources.read_source("cifar10-python", tmp_path / "x" / "cifar-10-batches-py")
 
 
 def test_several_archives_are_ambiguous(tmp_path):
     h.write_image_folder(tmp_path / "a.tar.gz", 1, 1, fmt="png")
     h.write_image_folder(tmp_path / "b.tgz", 1, 1, fmt="png")
     with pytest.raises(DataError, match="several archives.*a.tar.gz.*b.tgz"):
-        data.find_source(tmp_path)
+        sources.find_source(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------
@@ -310,8 +313,8 @@ def _prepare(tmp_path: Path, params, train=4, test=3, name="prepared"):
     if not data_dir.exists():
         data_dir.mkdir()
         h.write_image_folder(data_dir / "mirror.tar.gz", train, test, fmt="png")
-    manifest = data.run_prepare(params, data_dir=data_dir, out_dir=tmp_path / name)
-    return manifest, data.load_prepared(tmp_path / name)
+    manifest = run_prepare(params, data_dir=data_dir, out_dir=tmp_path / name)
+    return manifest, prepared.load_prepared(tmp_path / name)
 
 
 def test_prepare_stratified_counts_and_consistency(tmp_path):
@@ -374,7 +377,7 @@ def test_prepare_is_seeded(tmp_path):
 def test_stratified_split_draws_whole_classes_differently():
     labels = np.repeat(np.arange(10), 50)
     rng = np.random.default_rng(0)
-    val, train = data.stratified_split(labels, rng, (5, None), ("v", "t"))
+    val, train = stratified_split(labels, rng, (5, None), ("v", "t"))
     assert len(val) == 50 and len(train) == 450
     np.testing.assert_array_equal(np.sort(np.concatenate([val, train])), np.arange(500))
     # Not "the first N" of each class: the archive is ordered by class.
@@ -391,7 +394,7 @@ def test_subset_larger_than_data(tmp_path, monkeypatch, params, key, value, maxi
     (tmp_path / "data").mkdir()
     h.write_image_folder(tmp_path / "data" / "m.tar.gz", 4, 2, fmt="png")
     with pytest.raises(ParamsError) as err:
-        data.run_prepare(h.make_params(**params))
+        run_prepare(h.make_params(**params))
     message = str(err.value)
     assert f"{key} = {value}" in message and f"the {maximum} images" in message
     assert not (tmp_path / "prepared").exists() and _leftovers(tmp_path) == []
@@ -402,16 +405,16 @@ def test_failed_prepare_keeps_previous_output(tmp_path):
     before = (tmp_path / "prepared" / "manifest.json").read_bytes()
     h.truncate_half(tmp_path / "data" / "mirror.tar.gz")
     with pytest.raises(DataError):
-        data.run_prepare(h.make_params(val_per_class=1), data_dir=tmp_path / "data", out_dir=tmp_path / "prepared")
+        run_prepare(h.make_params(val_per_class=1), data_dir=tmp_path / "data", out_dir=tmp_path / "prepared")
     assert (tmp_path / "prepared" / "manifest.json").read_bytes() == before
     assert _leftovers(tmp_path) == []
-    data.load_prepared(tmp_path / "prepared")
+    prepared.load_prepared(tmp_path / "prepared")
 
 
 def test_prepare_replaces_old_output(tmp_path):
     _prepare(tmp_path, h.make_params(val_per_class=1), train=2, test=1)
     (tmp_path / "prepared" / "stale.txt").write_text("old")
-    manifest = data.run_prepare(h.make_params(val_per_class=0), tmp_path / "data", tmp_path / "prepared")
+    manifest = run_prepare(h.make_params(val_per_class=0), tmp_path / "data", tmp_path / "prepared")
     assert sorted(p.name for p in (tmp_path / "prepared").iterdir()) == ["cifar10.safetensors", "manifest.json"]
     assert manifest["sizes"]["val"] == 0 and _leftovers(tmp_path) == []
 
@@ -433,14 +436,14 @@ def test_prepare_from_canonical(tmp_path, skip_md5):
 
 def test_load_prepared_missing(tmp_path):
     with pytest.raises(DataError, match="dvc repro prepare"):
-        data.load_prepared(tmp_path / "prepared")
+        prepared.load_prepared(tmp_path / "prepared")
 
 
 def test_load_prepared_hashes_and_manifest_hash(tmp_path):
     _, prep = _prepare(tmp_path, h.make_params(val_per_class=1), train=2, test=1)
     raw = (tmp_path / "prepared" / "manifest.json").read_bytes()
     assert prep.manifest_hash == hashlib.sha256(raw).hexdigest()
-    for name in data.ARRAY_NAMES:
+    for name in prepared.ARRAY_NAMES:
         assert prep.manifest["arrays"][name]["sha256"] == sha256_array(getattr(prep, name))
 
 
@@ -451,7 +454,7 @@ def test_load_prepared_detects_flipped_payload_byte(tmp_path):
     blob[-5] ^= 0xFF  # inside the last tensor's bytes (the header is at the start)
     path.write_bytes(bytes(blob))
     with pytest.raises(DataError, match=r"prepared data is corrupt \((\w+ hash mismatch|.*checksum)"):
-        data.load_prepared(tmp_path / "prepared")
+        prepared.load_prepared(tmp_path / "prepared")
 
 
 def test_load_prepared_detects_edited_manifest(tmp_path):
@@ -461,17 +464,17 @@ def test_load_prepared_detects_edited_manifest(tmp_path):
     manifest["arrays"]["test_labels"]["sha256"] = "0" * 64
     path.write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=r"prepared data is corrupt \(test_labels hash mismatch"):
-        data.load_prepared(tmp_path / "prepared")
+        prepared.load_prepared(tmp_path / "prepared")
     path.write_text("{not json")
     with pytest.raises(DataError, match="prepared data is corrupt"):
-        data.load_prepared(tmp_path / "prepared")
+        prepared.load_prepared(tmp_path / "prepared")
 
 
 def test_load_prepared_detects_truncated_tensor_file(tmp_path):
     _prepare(tmp_path, h.make_params(val_per_class=1), train=2, test=1)
     h.truncate_half(tmp_path / "prepared" / "cifar10.safetensors")
     with pytest.raises(DataError, match="prepared data is corrupt"):
-        data.load_prepared(tmp_path / "prepared")
+        prepared.load_prepared(tmp_path / "prepared")
 
 
 # ----------------------------------------------------------------------------------------
@@ -488,20 +491,20 @@ def test_fetch_from_env_installs_one_source(tmp_path, monkeypatch, caplog):
     (data_dir / "train").mkdir()
     (data_dir / "README.md").write_text("keep me")
     monkeypatch.setenv("MATEKD_CIFAR10", str(source))
-    result = data.fetch(data_dir=data_dir)
+    result = fetching.fetch(data_dir=data_dir)
     assert result.action in ("linked", "copied") and result.kind == "image-folder"
     assert result.path == data_dir / "mirror.tar.gz"
     assert (data_dir / "mirror.tar.gz").read_bytes() == source.read_bytes()
     assert sorted(p.name for p in data_dir.iterdir()) == ["README.md", "mirror.tar.gz"]
     assert result.removed == ["old.tar.gz", "train"]
     assert "skipped `dvc add`" in result.dvc and "not inside a DVC repository" in result.dvc
-    again = data.fetch(data_dir=data_dir)
+    again = fetching.fetch(data_dir=data_dir)
     assert again.action == "unchanged" and again.removed == []
     assert source.exists()  # the original is never moved
     # A new archive under the same name replaces the old one (not reported as removed).
     source.unlink()
     h.write_image_folder(source, 2, 1, fmt="png")
-    third = data.fetch(data_dir=data_dir)
+    third = fetching.fetch(data_dir=data_dir)
     assert third.action in ("linked", "copied") and third.removed == []
     assert (data_dir / "mirror.tar.gz").read_bytes() == source.read_bytes()
     assert _leftovers(data_dir) == []
@@ -511,12 +514,12 @@ def test_fetch_folder_sources(tmp_path, skip_md5):
     folder = tmp_path / "src" / "cifar10"
     h.write_image_folder(folder, 1, 1, fmt="png", as_dir=True)
     data_dir = tmp_path / "data"
-    result = data.fetch(str(folder), data_dir=data_dir)
+    result = fetching.fetch(str(folder), data_dir=data_dir)
     assert result.kind == "image-folder" and result.path == data_dir
     assert sorted(p.name for p in data_dir.iterdir()) == ["test", "train"]
     batches = tmp_path / "src" / "batches"
     h.write_canonical(batches, 1, 1, as_dir=True)
-    result = data.fetch(str(batches), data_dir=data_dir)
+    result = fetching.fetch(str(batches), data_dir=data_dir)
     assert result.kind == "cifar10-python" and result.path == data_dir / "cifar-10-batches-py"
     assert sorted(p.name for p in data_dir.iterdir()) == ["cifar-10-batches-py"]
     assert result.removed == ["test", "train"]
@@ -524,14 +527,14 @@ def test_fetch_folder_sources(tmp_path, skip_md5):
 
 def test_fetch_errors(tmp_path):
     with pytest.raises(DataError, match="no CIFAR-10 source found.*MATEKD_CIFAR10"):
-        data.fetch(data_dir=tmp_path / "data")
+        fetching.fetch(data_dir=tmp_path / "data")
     with pytest.raises(DataError, match="does not exist"):
-        data.fetch(str(tmp_path / "nope.tar.gz"), data_dir=tmp_path / "data")
+        fetching.fetch(str(tmp_path / "nope.tar.gz"), data_dir=tmp_path / "data")
     (tmp_path / "x.zip").write_bytes(b"PK")
     with pytest.raises(DataError, match="not a .tar.gz"):
-        data.fetch(str(tmp_path / "x.zip"), data_dir=tmp_path / "data")
+        fetching.fetch(str(tmp_path / "x.zip"), data_dir=tmp_path / "data")
     with pytest.raises(DataError, match="either a source path or --download"):
-        data.fetch(str(tmp_path / "x.zip"), download=True, data_dir=tmp_path / "data")
+        fetching.fetch(str(tmp_path / "x.zip"), download=True, data_dir=tmp_path / "data")
 
 
 def test_fetch_canonical_md5_checked(tmp_path, monkeypatch):
@@ -539,7 +542,7 @@ def test_fetch_canonical_md5_checked(tmp_path, monkeypatch):
     source = tmp_path / "cifar-10-python.tar.gz"
     h.write_canonical(source, 1, 1)
     with pytest.raises(DataError, match="md5 mismatch"):
-        data.fetch(str(source), data_dir=tmp_path / "data")
+        fetching.fetch(str(source), data_dir=tmp_path / "data")
 
 
 def test_fetch_download(tmp_path, monkeypatch):
@@ -555,19 +558,19 @@ def test_fetch_download(tmp_path, monkeypatch):
         Path(root, filename).write_bytes(fake.read_bytes())
 
     monkeypatch.setattr(tv_utils, "download_url", fake_download)
-    monkeypatch.setattr(data, "CANONICAL_MD5", fake_md5)
+    monkeypatch.setattr(fetching, "CANONICAL_MD5", fake_md5)
     data_dir = tmp_path / "data"
-    result = data.fetch(download=True, data_dir=data_dir)
-    assert result.action == "downloaded" and calls == [data.CANONICAL_URL]
+    result = fetching.fetch(download=True, data_dir=data_dir)
+    assert result.action == "downloaded" and calls == [sources.CANONICAL_URL]
     assert sorted(p.name for p in data_dir.iterdir()) == ["cifar-10-python.tar.gz"]
-    assert data.fetch(download=True, data_dir=data_dir).action == "unchanged" and len(calls) == 1
+    assert fetching.fetch(download=True, data_dir=data_dir).action == "unchanged" and len(calls) == 1
 
     def offline(url, root, filename=None, md5=None, **_):
         raise OSError("Network is unreachable")
 
     monkeypatch.setattr(tv_utils, "download_url", offline)
     with pytest.raises(DataError, match="Network is unreachable.*MATEKD_CIFAR10="):
-        data.fetch(download=True, data_dir=tmp_path / "data2")
+        fetching.fetch(download=True, data_dir=tmp_path / "data2")
     assert _leftovers(tmp_path / "data2") == []
 
 
@@ -581,7 +584,7 @@ def test_fetch_runs_dvc_add(tmp_path):
     subprocess.run([str(dvc), "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
     source = tmp_path / "src.tar.gz"
     h.write_image_folder(source, 1, 1, fmt="png")
-    result = data.fetch(str(source), data_dir=tmp_path / "data")
+    result = fetching.fetch(str(source), data_dir=tmp_path / "data")
     assert result.dvc.endswith("ok")
     record = (tmp_path / "data.dvc").read_text()
     assert "path: data" in record and "nfiles: 1" in record
@@ -596,9 +599,9 @@ def test_real_mirror_full_prepare(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / MIRROR.name).symlink_to(MIRROR)
     start = time.perf_counter()
-    manifest = data.run_prepare(h.make_params(seed=0, val_per_class=500), tmp_path / "data", tmp_path / "prepared")
+    manifest = run_prepare(h.make_params(seed=0, val_per_class=500), tmp_path / "data", tmp_path / "prepared")
     elapsed = time.perf_counter() - start
-    prep = data.load_prepared(tmp_path / "prepared")
+    prep = prepared.load_prepared(tmp_path / "prepared")
     assert prep.train_images.shape == (45000, 32, 32, 3) and prep.val_images.shape == (5000, 32, 32, 3)
     assert prep.test_images.shape == (10000, 32, 32, 3)
     np.testing.assert_array_equal(np.bincount(prep.train_labels) + np.bincount(prep.val_labels), np.full(10, 5000))

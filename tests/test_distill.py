@@ -10,12 +10,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from matekd import methods as method_table
 from matekd.attribution import model_cam
 from matekd.distill import (
+    WEIGHTING_RULES,
+    WeightingInputs,
+    confidence_weights,
+    effective_tau,
+    final_tau,
+    loss_terms,
     mate_kd_loss,
+    relative_entropy,
     similarity,
     tau_at_epoch,
     teacher_weights,
+    weigh,
     weight_statistics,
 )
 
@@ -335,3 +344,95 @@ def test_weight_statistics_histogram_matches_histc() -> None:
         expected = torch.histc(w[k], bins=20, min=0.0, max=1.0)
         assert st["histogram"][k].tolist() == expected.long().tolist()
     assert st["histogram"].sum().item() == 600
+
+
+# ------------------------------------------------------------------------------ CA-MKD weights
+
+def _camkd_reference(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """CA-MKD (Zhang, Chen, Wang 2022), written out per sample in float64 with plain loops:
+    CE_k = -log softmax(t_k)[y]; w_k = (1 - exp(CE_k) / sum_j exp(CE_j)) / (K - 1)."""
+    k, b, _ = logits.shape
+    out = np.zeros((k, b))
+    for i in range(b):
+        ce = []
+        for t in range(k):
+            z = logits[t, i] - logits[t, i].max()
+            ce.append(-(z[labels[i]] - math.log(sum(math.exp(v) for v in z))))
+        shift = max(ce)
+        denom = sum(math.exp(c - shift) for c in ce)
+        for t in range(k):
+            out[t, i] = 1.0 if k == 1 else (1.0 - math.exp(ce[t] - shift) / denom) / (k - 1)
+    return out
+
+
+@pytest.mark.parametrize("teachers", [1, 2, 3, 5])
+def test_confidence_weights_match_an_independent_float64_implementation(teachers) -> None:
+    gen = torch.Generator().manual_seed(teachers)
+    logits = torch.randn(teachers, 16, 10, generator=gen, dtype=torch.float64) * 3
+    labels = torch.randint(0, 10, (16,), generator=gen)
+    if teachers > 1:
+        logits[1, :4] = logits[0, :4]                     # ties: two teachers equally confident
+        logits[0, 4:8] = -40.0                            # a teacher that is certain (and right) ...
+        logits[0, torch.arange(4, 8), labels[4:8]] = 40.0
+        logits[-1, 8:12] = -40.0                          # ... and one certain and wrong
+        logits[-1, torch.arange(8, 12), (labels[8:12] + 1) % 10] = 40.0
+    w = confidence_weights(logits, labels)
+    expected = _camkd_reference(logits.numpy(), labels.numpy())
+    np.testing.assert_allclose(w.double().numpy(), expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(w.sum(0), torch.ones(16, dtype=w.dtype))
+    assert not w.requires_grad
+    if teachers > 1:
+        torch.testing.assert_close(w[0, :4], w[1, :4])                    # ties weigh the same
+        assert bool((w[0, 4:8] >= w[1:, 4:8].max(0).values).all())        # certain and right weighs most
+        assert bool((w[-1, 8:12] <= w[:-1, 8:12].min(0).values).all())    # certain and wrong weighs least
+        assert bool((w[-1, 8:12] < 1e-6).all())
+
+
+def test_confidence_weights_are_the_ca_mkd_method_rule() -> None:
+    row = method_table.get("ca_mkd")
+    assert row.teachers == "all" and row.weighting == "confidence" and not row.attribution_loss
+    logits = torch.randn(3, 5, 10)
+    labels = torch.randint(0, 10, (5,))
+    w, sim = weigh(row.weighting, WeightingInputs(logits, labels))
+    torch.testing.assert_close(w, confidence_weights(logits, labels))
+    assert sim is None
+    assert set(WEIGHTING_RULES) >= {m.weighting for m in method_table.METHODS.values() if m.has_kd}
+
+
+def test_loss_terms_are_the_per_sample_parts_of_the_loss() -> None:
+    gen = torch.Generator().manual_seed(4)
+    s, t = torch.randn(6, 10, generator=gen), torch.randn(3, 6, 10, generator=gen)
+    y = torch.randint(0, 10, (6,), generator=gen)
+    w = torch.softmax(torch.randn(3, 6, generator=gen), 0)
+    sm, tm = torch.rand(6, 8, 8, generator=gen), torch.rand(3, 6, 8, 8, generator=gen)
+    per = loss_terms(s, t, y, w, sm, tm, 2.0)
+    loss = mate_kd_loss(s, t, y, w, sm, tm, 2.0, 0.3, 0.1)
+    for key in ("ce", "kd", "attr"):
+        assert per[key].shape == (6,)
+        torch.testing.assert_close(per[key].mean(), loss[key])
+
+
+def test_effective_and_final_tau_follow_the_schedule() -> None:
+    from matekd.params import DistillParams, Recipe
+
+    d = DistillParams(recipe=Recipe(epochs=10, batch_size=8, lr=0.1), similarity_temperature=1.0,
+                      similarity_temperature_end=0.2, similarity_schedule_epochs=4)
+    assert effective_tau(d, 0) == 1.0 and effective_tau(d, 2) == pytest.approx(0.6)
+    assert final_tau(d) == pytest.approx(0.2)          # evaluate weighs with what training ended on
+    assert final_tau(DistillParams(recipe=Recipe(epochs=3, batch_size=8, lr=0.1))) == 0.2
+
+
+def test_weight_statistics_per_student_and_relative_entropy() -> None:
+    gen = torch.Generator().manual_seed(2)
+    w = torch.softmax(torch.randn(3, 2, 50, generator=gen), 0)       # [K, students, B]
+    st = weight_statistics(w, None, bins=5)
+    for s in range(2):
+        single = weight_statistics(w[:, s], None, bins=5)
+        for key in ("weight_mean", "weight_std", "dominant_fraction", "histogram"):
+            torch.testing.assert_close(st[key][:, s], single[key])
+        torch.testing.assert_close(st["entropy"][s], single["entropy"])
+    assert "similarity_mean" not in st
+    assert relative_entropy(math.log(3), 3) == pytest.approx(1.0)   # equal weights
+    assert relative_entropy(0.0, 3) == 0.0                           # one teacher per sample
+    equal = weight_statistics(torch.full((4, 10), 0.25), None, bins=4)
+    assert equal["entropy_relative"].item() == pytest.approx(1.0)

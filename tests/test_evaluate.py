@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from matekd import evaluate as ev
+from matekd import evaluation as ev
 from matekd.augment import CIFAR_MEAN, CIFAR_STD, to_device_tensor
-from matekd.evaluate import (
+from matekd.evaluation import (
     EXTRA_CORRUPTIONS,
     STANDARD_CORRUPTIONS,
     confusion_matrix,
@@ -25,6 +25,7 @@ from matekd.evaluate import (
     stratified_order,
     summarise_corruption,
 )
+from matekd.stages import evaluate as evaluate_stage
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -177,7 +178,7 @@ def tiny_params(tmp_path):
 
 @pytest.fixture
 def stage_files(tmp_path, monkeypatch):
-    from matekd.data import Prepared
+    from matekd.data.prepared import Prepared
     from matekd.models import build_model
     from matekd.storage import save_tensors
 
@@ -199,8 +200,8 @@ def stage_files(tmp_path, monkeypatch):
         array.setflags(write=False)                    # load_corrupted memory-maps read-only .npy files
     c_manifest = {"kind": "regenerated", "seed": 3, "skipped": {"frost": "no textures"},
                   "prepared_manifest_sha256": "h" * 64}
-    monkeypatch.setattr(ev, "load_prepared", lambda *a, **k: prepared)
-    monkeypatch.setattr(ev, "load_corrupted", lambda *a, **k: (corrupted, c_labels, c_manifest))
+    monkeypatch.setattr(evaluate_stage, "load_prepared", lambda *a, **k: prepared)
+    monkeypatch.setattr(evaluate_stage, "load_corrupted", lambda *a, **k: (corrupted, c_labels, c_manifest))
     torch.manual_seed(0)
     r20 = build_model("resnet20")
     save_tensors("models/teachers/resnet20.safetensors", r20.state_dict(), {"architecture": "resnet20"})
@@ -219,7 +220,7 @@ def test_run_evaluate_writes_every_model(stage_files) -> None:
     out = stage_files / "metrics" / "eval"
     out.mkdir(parents=True)
     (out / "stale.json").write_text("{}")               # a removed model must not survive
-    results = ev.run_evaluate(params)
+    results = evaluate_stage.run_evaluate(params)
     assert set(results) == {"resnet20", "resnet56", "student-distill", "student-ce-seed0"}
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["resnet20.json", "resnet56.json", "student-distill.json", "student-ce-seed0.json",
@@ -251,9 +252,31 @@ def test_run_evaluate_writes_every_model(stage_files) -> None:
     assert sorted(g["per_image"]["label"]) == sorted(range(6))  # classes interleaved: 6 different classes
     assert sum(g["dominant_fraction"].values()) == pytest.approx(1.0)
 
-    from matekd.report import run_report
+    from matekd.stages.report import run_report
 
     run_report(params)
     md = (stage_files / "reports" / "results.md").read_text()
     assert "CIFAR-10 (JPEG q75 mirror)" in md and "frost skipped" in md
     assert (stage_files / "reports" / "figures" / "gradcam-student-distill.png").exists()
+
+
+def test_fused_prediction_groups_give_each_models_own_logits() -> None:
+    """On a GPU, ResNets of one depth are evaluated as one fused network; the grouping and the
+    fused predictor are exercised here on the CPU by asking for it explicitly."""
+    from matekd.evaluation import _FusedPredictor, prediction_groups
+    from matekd.models import build_model
+    from matekd.train import predict_logits
+
+    models = {}
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models[f"s{seed}"] = build_model("resnet20").eval()
+    models["t"] = build_model("resnet56").eval()
+    assert [names for names, _ in prediction_groups(models, CPU)] == [["s0"], ["s1"], ["s2"], ["t"]]
+    images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
+    fused = _FusedPredictor([models[f"s{k}"] for k in range(3)], CPU)
+    logits = fused(images, 4, CPU)
+    assert logits.shape == (3, 10, 10)
+    for k in range(3):
+        alone = predict_logits(models[f"s{k}"], images, 4, CPU)
+        torch.testing.assert_close(logits[k], alone, atol=1e-4 * float(alone.abs().max()), rtol=0)

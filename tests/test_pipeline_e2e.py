@@ -1,6 +1,8 @@
 """End to end: `dvc repro` of the whole pipeline in a temporary copy of the repository with
 the tiny profile, then the MLflow store, a no-op second repro and a one-teacher param change.
 
+The reproduced repository is built once per test session and shared with
+test_dvc_experiments.py (helpers_repo.reproduced_repo); tests that change it use a clone.
 Uses the CIFAR-10 archive named by MATEKD_CIFAR10 (CI: the JPEG mirror) or, without it, a
 small synthetic image-folder archive.
 """
@@ -12,19 +14,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers_repo import make_repo, run
+from helpers_repo import clone_repo, reproduced_repo, run, stages_run
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    return make_repo(tmp_path_factory.mktemp("e2e") / "repo")
+    return reproduced_repo(tmp_path_factory.getbasetemp() / "pipeline")
 
 
 @pytest.fixture(scope="module")
-def first_repro(repo):
-    return run(repo, "dvc", "repro")
+def first_repro(repo) -> str:
+    """The output of the shared `dvc repro`."""
+    return (repo.parent / "repro.log").read_text()
 
 
 def _client(repo: Path):
@@ -51,12 +54,16 @@ def test_repro_writes_every_output(repo, first_repro):
                      repo / "plots" / "teachers" / f"{name}.csv",
                      repo / "cams" / f"{name}.safetensors"]
     for method in params["ablation"]["methods"]:
+        expected.append(repo / "methods" / f"{method}.json")
         for seed in params["ablation"]["seeds"]:
             expected += [repo / "models" / "student" / f"{method}-seed{seed}.safetensors",
-                         repo / "metrics" / "student" / f"{method}-seed{seed}.json"]
-    expected.append(repo / "models" / "student" / "distill.safetensors")
+                         repo / "metrics" / "student" / f"{method}-seed{seed}.json",
+                         repo / "plots" / "student" / f"{method}-seed{seed}-weights.json"]
+    expected += [repo / "models" / "student" / "distill.safetensors", repo / "metrics" / "summary.json"]
+    expected += [repo / "reports" / "plots" / name for name in
+                 ("val_acc.csv", "train_loss.csv", "teacher_weights.csv", "corruption_accuracy.csv")]
     missing = [str(p.relative_to(repo)) for p in expected if not p.exists()]
-    assert not missing, f"missing outputs: {missing}\n{first_repro.stdout[-3000:]}"
+    assert not missing, f"missing outputs: {missing}\n{first_repro[-3000:]}"
 
 
 def test_mlflow_holds_one_run_per_teacher_with_per_epoch_metrics(repo, first_repro):
@@ -67,25 +74,33 @@ def test_mlflow_holds_one_run_per_teacher_with_per_epoch_metrics(repo, first_rep
         epochs = params["teachers"][teacher_run.data.tags["model"]]["epochs"]
         for key in ("val_acc", "train_loss", "train_acc", "lr", "images_per_second"):
             history = client.get_metric_history(teacher_run.info.run_id, key)
-            assert [m.step for m in history] == list(range(1, epochs + 1)), key
+            # step = the 0-based epoch index (train.fit: shared with the per-epoch images)
+            assert [m.step for m in history] == list(range(epochs)), key
         for tag in ("git_commit", "git_dirty", "dataset_sha256", "profile", "device", "torch_version",
                     "params_sha256"):
             assert teacher_run.data.tags.get(tag), tag
-        assert teacher_run.data.params["teachers.resnet20.lr"] == str(params["teachers"]["resnet20"]["lr"])
+        model = teacher_run.data.tags["model"]
+        assert teacher_run.data.params[f"teachers.{model}.lr"] == str(params["teachers"][model]["lr"])
         assert teacher_run.info.status == "FINISHED"
 
 
-def test_mlflow_distill_runs_log_all_terms_teacher_statistics_and_histograms(repo, first_repro):
+def test_mlflow_student_runs_log_their_terms_teacher_statistics_and_histograms(repo, first_repro):
+    """One run per student (stage distill and every ablation@...), each with the loss terms its
+    method has: ce only for ce; kd for teacher methods; attr for mate_kd; per-teacher weight
+    statistics where the weights vary per sample (similarities for the attribution weighting)."""
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    client, runs = _runs(repo, "distill")
-    methods = sorted(r.data.tags["method"] for r in runs)
-    assert methods == sorted(params["ablation"]["methods"] + [params["distill"]["method"]])
-    mate = [r for r in runs if r.data.tags["method"] == "mate_kd"][0]
+    client, distill_runs = _runs(repo, "distill")
+    _, ablation_runs = _runs(repo, "ablation")
+    assert [r.data.tags["method"] for r in distill_runs] == [params["distill"]["method"]]
+    assert sorted(r.data.tags["method"] for r in ablation_runs) == sorted(
+        m for m in params["ablation"]["methods"] for _ in params["ablation"]["seeds"])
+    teachers = list(params["teachers"])
+    mate = next(r for r in distill_runs + ablation_runs if r.data.tags["method"] == "mate_kd")
     keys = set(mate.data.metrics)
     for term in ("total", "ce", "kd", "attr"):
         assert f"step/{term}" in keys and f"train_{term}" in keys, term
         assert len(client.get_metric_history(mate.info.run_id, f"step/{term}")) >= 1
-    for teacher in params["teachers"]:
+    for teacher in teachers:
         for stat in ("weight_mean", "weight_std", "dominant_fraction", "similarity_mean", "similarity_std"):
             assert f"train_{stat}/{teacher}" in keys, (stat, teacher)
     assert "train_entropy" in keys and "val_acc" in keys and "test_acc" in keys and "lr" in keys
@@ -93,25 +108,32 @@ def test_mlflow_distill_runs_log_all_terms_teacher_statistics_and_histograms(rep
     assert images, "no teacher-weight histogram image logged"
     histograms = [a.path for a in client.list_artifacts(mate.info.run_id, "histograms")]
     assert len(histograms) == params["distill"]["recipe"]["epochs"]
-    ce = [r for r in runs if r.data.tags["method"] == "ce"][0]
-    assert {"train_total", "train_ce", "train_kd", "train_attr"} <= set(ce.data.metrics)
+    by_method = {r.data.tags["method"]: set(r.data.metrics) for r in ablation_runs}
+    if "ce" in by_method:
+        assert {"train_total", "train_ce"} <= by_method["ce"]
+        assert not {k for k in by_method["ce"] if k.startswith(("train_kd", "train_attr", "train_weight"))}
+    if "ca_mkd" in by_method:   # confidence weighting: weight statistics, no similarities
+        assert {f"train_weight_mean/{t}" for t in teachers} <= by_method["ca_mkd"]
+        assert not {k for k in by_method["ca_mkd"] if k.startswith("train_similarity")}
+    if "kd" in by_method:
+        assert "train_kd" in by_method["kd"] and "train_attr" not in by_method["kd"]
 
 
 def test_second_repro_does_nothing(repo, first_repro):
-    client, before = _runs(repo, "train_teacher")
+    _, before = _runs(repo, "train_teacher")
     proc = run(repo, "dvc", "repro")
     assert "Running stage" not in proc.stdout, proc.stdout
     _, after = _runs(repo, "train_teacher")
     assert len(after) == len(before)
 
 
-def test_changing_one_teacher_reruns_only_that_teacher(repo, first_repro):
-    params_path = repo / "params.yaml"
+def test_changing_one_teacher_reruns_only_that_teacher(repo, tmp_path):
+    clone = clone_repo(repo, tmp_path / "repo")
+    params_path = clone / "params.yaml"
     params = yaml.safe_load(params_path.read_text())
     params["teachers"]["resnet56"]["lr"] = 0.02
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-    status = run(repo, "dvc", "status").stdout
+    status = run(clone, "dvc", "status").stdout
     assert "train_teacher@resnet56" in status and "train_teacher@resnet20" not in status, status
-    proc = run(repo, "dvc", "repro", "train_teacher@resnet20", "train_teacher@resnet56")
-    assert "Running stage 'train_teacher@resnet56'" in proc.stdout
-    assert "Running stage 'train_teacher@resnet20'" not in proc.stdout
+    proc = run(clone, "dvc", "repro", "train_teacher@resnet20", "train_teacher@resnet56")
+    assert stages_run(proc.stdout) == ["train_teacher@resnet56"], proc.stdout

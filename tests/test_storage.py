@@ -15,8 +15,17 @@ import pytest
 import torch
 
 from matekd.errors import MatekdError
-from matekd.storage import (atomic_path, load_tensors, read_json, safe_extract_tar, safe_torch_load,
-                            save_tensors, sha256_array, sha256_file, write_json)
+from matekd.storage import (
+    atomic_path,
+    load_tensors,
+    read_json,
+    safe_extract_tar,
+    safe_torch_load,
+    save_tensors,
+    sha256_array,
+    sha256_file,
+    write_json,
+)
 
 torch.set_num_threads(1)
 

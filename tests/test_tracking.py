@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import socket
 import subprocess
 import time
@@ -12,9 +13,20 @@ from typing import Any
 import pytest
 import torch
 
-from matekd import tracking
 from matekd.errors import MatekdError, TrackingError
-from matekd.tracking import MlflowRun, NullRun, artifact_root, git_state, start_run, tracking_uri
+from matekd.tracking import (
+    MlflowRun,
+    NullRun,
+    _base,
+    artifact_root,
+    git_state,
+    offline_root,
+    start_run,
+    tracking_enabled,
+    tracking_mode,
+    tracking_uri,
+)
+from test_tracking_common import fresh_store
 
 torch.set_num_threads(1)
 
@@ -38,7 +50,8 @@ def free_port() -> int:
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("MATEKD_TRACKING", raising=False)
+    for key in ("MATEKD_TRACKING", "MATEKD_OFFLINE_DIR", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE"):
+        monkeypatch.delenv(key, raising=False)
     for key in HTTP_ENV:  # tracking may set defaults; monkeypatch removes them again afterwards
         monkeypatch.delenv(key, raising=False)
 
@@ -62,11 +75,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One SQLite store for the module: MLflow's schema migration takes seconds."""
-    from mlflow.tracking import MlflowClient
-
-    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
-    MlflowClient(tracking_uri=uri).search_experiments()
-    return uri
+    return fresh_store(tmp_path_factory, tmp_path_factory.mktemp("store") / "mlflow.db")
 
 
 @pytest.fixture
@@ -197,6 +206,12 @@ def test_run_records_params_tags_metrics_and_provenance(client, repo: Path, stor
     assert tags["git_commit"] == git(repo, "rev-parse", "HEAD") and tags["git_dirty"] == "false"
     assert tags["torch_version"] == torch.__version__
     assert tags["python"].count(".") == 2 and tags["extra"] == "yes"
+    # the code that ran, which under a DVC executor is not the workspace's (an editable install)
+    import matekd
+    from matekd.storage import source_digest
+
+    assert tags["matekd.source_sha256"] == source_digest() and len(tags["matekd.source_sha256"]) == 64
+    assert tags["matekd.source_dir"] == str(Path(matekd.__file__).resolve().parent)
     history = client.get_metric_history(run_id, "train/loss")
     assert sorted((m.step, m.value) for m in history) == [(0, 2.0), (1, 1.5), (2, 0.75)]
     assert [m.step for m in client.get_metric_history(run_id, "train/acc")] == [0, 1, 2]
@@ -237,7 +252,7 @@ def test_ctrl_c_marks_the_run_killed(client) -> None:
 @pytest.fixture
 def no_sleep(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     slept: list[float] = []
-    monkeypatch.setattr(tracking, "_sleep", slept.append)
+    monkeypatch.setattr(_base, "_sleep", slept.append)
     return slept
 
 
@@ -279,3 +294,147 @@ def test_permanent_failure_warns_and_goes_on(client, monkeypatch: pytest.MonkeyP
     assert reached_end
     assert client.get_metric_history(run_id, "val/acc") == []
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+# ---------------------------------------------------------------------------------------
+# modes
+
+
+@pytest.mark.parametrize(("env", "enabled", "mode", "expected"), [
+    (None, True, "online", "online"), (None, True, "offline", "offline"), (None, False, "offline", "off"),
+    ("off", True, "offline", "off"), ("no", True, "online", "off"), ("FALSE", True, "online", "off"),
+    ("offline", True, "online", "offline"), ("offline", False, "online", "offline"),
+    ("online", True, "offline", "online"), ("on", True, "offline", "offline"), ("on", False, "online", "off"),
+    ("1", True, "online", "online"),
+])
+def test_tracking_mode(monkeypatch: pytest.MonkeyPatch, env: str | None, enabled: bool, mode: str,
+                       expected: str) -> None:
+    if env is not None:
+        monkeypatch.setenv("MATEKD_TRACKING", env)
+    assert tracking_mode(enabled, mode) == expected
+    assert tracking_enabled(enabled) == (tracking_mode(enabled) != "off")
+
+
+def test_bad_mode_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(TrackingError, match="tracking.mode 'remote'"):
+        tracking_mode(True, "remote")
+    monkeypatch.setenv("MATEKD_TRACKING", "ofline")
+    with pytest.raises(TrackingError, match="MATEKD_TRACKING='ofline'"):
+        tracking_mode(True, "online")
+
+
+def test_offline_folder_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    assert offline_root() == tmp_path.resolve() / "mlruns-offline"
+    assert offline_root("runs/offline") == tmp_path.resolve() / "runs" / "offline"
+    assert offline_root(tmp_path / "abs") == tmp_path / "abs"
+    monkeypatch.setenv("MATEKD_OFFLINE_DIR", str(tmp_path / "env"))
+    assert offline_root("ignored") == tmp_path / "env"
+
+
+# ---------------------------------------------------------------------------------------
+# MLflow's source and git tags, DVC's experiment, the owning process
+
+
+def test_source_git_and_dvc_tags(client, repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import socket
+
+    monkeypatch.setenv("DVC_EXP_NAME", "hasty-gnu")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "0" * 40)
+    monkeypatch.setenv("DVC_STAGE", "ablation@kd-0")
+    git(repo, "remote", "add", "origin", "https://user:secret@example.org/team/matekd.git")
+    try:
+        with start_run(**run_kwargs(stage="ablation")) as run:
+            run_id = run.run_id
+    finally:
+        git(repo, "remote", "remove", "origin")
+    data = client.get_run(run_id)
+    tags = data.data.tags
+    assert tags["mlflow.source.git.commit"] == git(repo, "rev-parse", "HEAD") == tags["git_commit"]
+    assert tags["mlflow.source.git.branch"] == git(repo, "rev-parse", "--abbrev-ref", "HEAD")
+    assert tags["mlflow.source.git.repoURL"] == "https://example.org/team/matekd.git"  # credentials stripped
+    assert tags["mlflow.source.git.dirty"] == "false"
+    assert tags["mlflow.source.name"] == "matekd ablation" and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.user"] and data.info.user_id == tags["mlflow.user"]
+    assert tags["dvc.exp_name"] == "hasty-gnu" and tags["dvc.exp_baseline_rev"] == "0" * 40
+    assert tags["dvc.stage"] == "ablation@kd-0"
+    assert tags["matekd.host"] == socket.gethostname() and tags["matekd.pid"] == str(os.getpid())
+
+
+def test_no_dvc_tags_outside_dvc(client) -> None:
+    with start_run(**run_kwargs()) as run:
+        run_id = run.run_id
+    assert not [key for key in client.get_run(run_id).data.tags if key.startswith("dvc.")]
+
+
+def test_dataset_input(client) -> None:
+    sha = "ab" * 32
+    with start_run(**run_kwargs()) as run:
+        run.log_input("cifar10-jpeg", sha, "/data/cifar10.tar.gz", "training")
+        run_id = run.run_id
+    (entry,) = client.get_run(run_id).inputs.dataset_inputs
+    assert entry.dataset.name == "cifar10-jpeg" and entry.dataset.digest == sha[:36]
+    assert entry.dataset.source_type == "local" and '"/data/cifar10.tar.gz"' in entry.dataset.source
+    assert {t.key: t.value for t in entry.tags} == {"mlflow.data.context": "training", "digest": sha}
+
+
+def test_prepared_dataset_input_online_and_offline(client, tmp_path: Path) -> None:
+    """The call the stages make for the prepared data: the same dataset input online and synced."""
+    from matekd.tracking import sync_runs
+
+    manifest_sha = "0123456789abcdef" * 4
+    call = dict(name="cifar10-prepared", digest=manifest_sha, source="data/cifar10-jpeg.tar.gz", context="training",
+                profile=json.dumps({"train": 45000, "val": 5000, "test": 10000}),
+                tags={"dataset": "CIFAR-10 (JPEG mirror)", "source_sha256": "ab" * 32})
+    with start_run(**run_kwargs(run_name="online data")) as run:
+        run.log_input(**call)
+    with start_run(**run_kwargs(run_name="offline data", mode="offline", offline_dir=tmp_path)) as offline:
+        offline.log_input(**call)
+    synced = sync_runs(tmp_path).imported[offline.run_id]
+
+    def inputs(run_id: str) -> list[tuple]:
+        return [(d.dataset.name, d.dataset.digest, d.dataset.source_type, d.dataset.source, d.dataset.profile,
+                 sorted((t.key, t.value) for t in d.tags)) for d in client.get_run(run_id).inputs.dataset_inputs]
+
+    assert inputs(run.run_id) == inputs(synced) == [(
+        "cifar10-prepared", manifest_sha[:36], "local", '{"uri": "data/cifar10-jpeg.tar.gz"}', call["profile"],
+        sorted({"mlflow.data.context": "training", "digest": manifest_sha, **call["tags"]}.items()))]
+
+
+def test_deleted_experiment_is_named_with_the_fix(client, store: str) -> None:
+    experiment = client.create_experiment("matekd-deleted", artifact_location=artifact_root(store))
+    client.delete_experiment(experiment)
+    with pytest.raises(TrackingError, match=r"'matekd-deleted' .* is deleted: restore it"):
+        with start_run(**run_kwargs(experiment="matekd-deleted")):
+            pass
+
+
+def test_reopen_run(client, tmp_path: Path) -> None:
+    """tune reopens its study's parent run: RUNNING again, owned by this process, closed with
+    the outcome; an unknown run gives None."""
+    import os
+
+    from matekd.tracking import closing_run, reopen_run
+
+    with start_run(**run_kwargs(run_name="study")) as run:
+        run_id = run.run_id
+    client.set_tag(run_id, "matekd.pid", "1")  # as if another process had opened it
+    reopened = reopen_run(run_id)
+    assert isinstance(reopened, MlflowRun) and reopened.run_id == run_id
+    got = client.get_run(run_id)
+    assert got.info.status == "RUNNING" and got.data.tags["matekd.pid"] == str(os.getpid())
+    with closing_run(reopened) as again:
+        again.log_metrics({"best": 0.5}, step=2)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert reopen_run("0" * 32) is None
+
+    with start_run(**run_kwargs(mode="offline", offline_dir=tmp_path)) as offline:
+        pass
+    again = reopen_run(offline.run_id, mode="offline", offline_dir=tmp_path)
+    assert again is not None and again.record["status"] == "RUNNING"
+    with pytest.raises(ValueError):
+        with closing_run(again):
+            raise ValueError("crash")
+    assert again.record["status"] == "FAILED"
+    assert reopen_run("0" * 32, mode="offline", offline_dir=tmp_path) is None

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
-import pytest
 
 from helpers_data import synthetic_split
 from matekd.augment import to_device_tensor
@@ -28,10 +28,11 @@ def _data(per_class: int, seed: int = 0):
 
 
 def _fit(model, recipe, x, y, tmp_path=None, digest="d", **kw):
-    return fit(model=model, step_fn=kw.pop("step_fn", cross_entropy_step(model)), recipe=recipe,
-               train_images=x, train_labels=y, val_images=x[:20], val_labels=y[:20], device=CPU, seed=3,
-               run=NullRun(), checkpoint=(tmp_path / "ckpt.pt") if tmp_path else None, digest=digest,
-               desc="t", progress=False, **kw)
+    (result,) = fit(model=model, step_fn=kw.pop("step_fn", cross_entropy_step(model)), recipe=recipe,
+                    train_images=x, train_labels=y, val_images=x[:20], val_labels=y[:20], device=CPU, seeds=[3],
+                    runs=[NullRun()], checkpoint=(tmp_path / "ckpt.pt") if tmp_path else None, digest=digest,
+                    desc="t", progress=False, **kw)
+    return result
 
 
 def _loss(model, x, y):
@@ -62,7 +63,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):
     class Crash(Exception):
         pass
 
-    def crash_after_epoch_2(epoch, record):
+    def crash_after_epoch_2(epoch, records):
         if epoch == 2:
             raise Crash
 
@@ -115,7 +116,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(t
         calls["n"] += 1
         out = plain(batch, epoch)
         if epoch == 1 and calls["n"] == 5 + 3:  # epoch 2, step 3
-            return StepOutput(out.loss * float("nan"), out.logits, out.terms)
+            return StepOutput(out.loss * float("nan"), out.logits, out.losses * float("nan"), out.terms)
         return out
 
     with pytest.raises(TrainingDiverged, match=r"epoch 2, step 3"):

@@ -21,10 +21,13 @@ from types import SimpleNamespace
 import optuna
 import pytest
 import torch
+import yaml
 
 import helpers_data as h
-from matekd import tune
+from matekd import tuning
 from matekd.params import load_params
+from matekd.stages.tune import run_tune
+from matekd.tuning.recovery import ATTR_DEVICE, ATTR_PID, ATTR_WORKER
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,9 +35,9 @@ TrialState = optuna.trial.TrialState
 pytestmark = pytest.mark.postgres
 
 
-def fake_train(params, method, seed, data, device, run, checkpoint, progress=True, epoch_hook=None,
+def fake_train(params, specs, data, device, runs, checkpoint, progress=True, epoch_hook=None,
                with_test=True, signals_loader=None):
-    """Stands in for student.train_student: val_acc is a known function of the learning rate.
+    """Stands in for students.train_students: val_acc is a known function of the learning rate.
     Every worker's first trial waits until both workers have one, so both must contribute."""
     if with_test:
         raise AssertionError("the tuning objective must never ask for the test set")
@@ -45,14 +48,15 @@ def fake_train(params, method, seed, data, device, run, checkpoint, progress=Tru
         if time.time() > deadline:
             raise TimeoutError("the second worker never started a trial")
         time.sleep(0.05)
+    recipe = specs[0].distill.recipe
     history = []
-    for epoch in range(1, params.distill.recipe.epochs + 1):
+    for epoch in range(1, recipe.epochs + 1):
         time.sleep(0.2)
-        record = {"epoch": epoch, "val_acc": 0.5 + 0.1 * epoch - params.distill.recipe.lr}
+        record = {"epoch": epoch, "val_acc": 0.5 + 0.1 * epoch - recipe.lr}
         history.append(record)
         if epoch_hook is not None:
-            epoch_hook(epoch, record)
-    return SimpleNamespace(result=SimpleNamespace(history=history))
+            epoch_hook(epoch, [record])
+    return [SimpleNamespace(spec=specs[0], result=SimpleNamespace(history=history))]
 
 
 def _unavailable(reason: str) -> None:
@@ -151,7 +155,7 @@ def test_two_workers_share_one_study_in_postgresql(tmp_path, monkeypatch):
         shutil.copy(ROOT / "profiles" / "tiny.yaml", root / "params.yaml")
         monkeypatch.chdir(root)
         h.write_image_folder(root / "data", train_per_class=8, test_per_class=3, fmt="png", as_dir=True)
-        from matekd.data import run_prepare
+        from matekd.stages.prepare import run_prepare
 
         run_prepare(load_params("params.yaml", {"device": "cpu"}))
         barrier = tmp_path / "barrier"
@@ -159,21 +163,25 @@ def test_two_workers_share_one_study_in_postgresql(tmp_path, monkeypatch):
         monkeypatch.setenv("FAKE_BARRIER_DIR", str(barrier))
         # The `ce` student needs no teacher files: this test is about the storage and the workers.
         params = load_params("params.yaml", {
-            "device": "cpu", "tune.method": "ce", "tune.n_trials": 6, "tune.epochs": 2, "tune.pruner": "none",
+            "device": "cpu", "tune.methods": ["ce"], "tune.n_trials": 6, "tune.epochs": 2, "tune.pruner": "none",
             "tune.study_name": "pg-study", "tune.space": {"lr": {"low": 0.01, "high": 0.3, "log": True}}})
-        summary = tune.run_tune(params, storage=url, workers=2, trainer=fake_train)
+        summary = run_tune(params, storage=url, workers=2, trainer=fake_train, progress=False)["ce"]
 
         assert not Path("tuning/optuna.db").exists()  # nothing went to the default SQLite file
-        study = optuna.load_study(study_name="pg-study", storage=tune.resolve_storage(url).open())
+        study = optuna.load_study(study_name="pg-study-ce", storage=tuning.resolve_storage(url).open())
+        assert study.metric_names == ["val_acc"]
         trials = study.get_trials()
         numbers = [t.number for t in trials]
         assert sorted(numbers) == list(range(6)) and len(set(t._trial_id for t in trials)) == 6
         assert all(t.state == TrialState.COMPLETE for t in trials)
         for t in trials:  # each trial's value is the one its own parameters give
-            assert t.value == pytest.approx(0.7 - t.params["lr"])
-        workers = [t.user_attrs[tune.ATTR_WORKER] for t in trials]
-        pids = {t.user_attrs[tune.ATTR_PID] for t in trials}
+            assert t.value == pytest.approx(0.7 - t.params["distill.recipe.lr"])
+        workers = [t.user_attrs[ATTR_WORKER] for t in trials]
+        pids = {t.user_attrs[ATTR_PID] for t in trials}
         assert set(workers) == {0, 1} and len(pids) == 2 and os.getpid() not in pids
+        assert {t.user_attrs[ATTR_DEVICE] for t in trials} == {"cpu"}
+        assert yaml.safe_load(Path("tuning/best/ce.yaml").read_text())["values"] == {
+            "distill.recipe.lr": study.best_trial.params["distill.recipe.lr"]}
         assert summary["trials"]["complete"] == 6 and summary["storage"] == url
         # Every trial recorded once, directly in the database.
         with psycopg2.connect(host="127.0.0.1", port=server.port, user="matekd", dbname="postgres") as conn:

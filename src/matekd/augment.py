@@ -36,14 +36,15 @@ def to_device_tensor(images_nhwc_uint8: np.ndarray | Tensor, device: torch.devic
     return x.contiguous(memory_format=memory_format)
 
 
-def normalize(x_uint8_nchw: Tensor, dtype: torch.dtype = torch.float32,
+def normalize(x_uint8_nchw: Tensor, dtype: torch.dtype | None = None,
               mean: tuple[float, ...] = CIFAR_MEAN, std: tuple[float, ...] = CIFAR_STD) -> Tensor:
-    """(x / 255 - mean) / std per channel, as `dtype`; keeps the input's memory format."""
+    """(x / 255 - mean) / std per channel, as `dtype` (default: torch's default dtype, float32
+    unless a float64 check asks for more); keeps the input's memory format."""
     if x_uint8_nchw.ndim != 4 or x_uint8_nchw.shape[1] != len(mean):
         raise DataError(f"expected [B, {len(mean)}, H, W] images, got {tuple(x_uint8_nchw.shape)}")
     shift, scale = _norm_constants(x_uint8_nchw.device, tuple(mean), tuple(std))
     # One multiply-add, x * 1/(255 std) - mean/std, in fp32, then cast.
-    return torch.addcmul(shift, x_uint8_nchw.float(), scale).to(dtype)
+    return torch.addcmul(shift, x_uint8_nchw.float(), scale).to(dtype or torch.get_default_dtype())
 
 
 @functools.lru_cache(maxsize=8)

@@ -1,4 +1,4 @@
-"""Stage cache: each teacher's Grad-CAM map of every training and validation image.
+"""Teacher signal caches: each teacher's Grad-CAM map of every training and validation image.
 
 Maps use the ground-truth class and the teacher's CAM layer, are resized to
 `cache.resolution`, divided by their maximum (every use downstream is scale-invariant, and this
@@ -10,31 +10,23 @@ crop/flip variant of every training image, which keeps cached logits exact under
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from .attribution import grad_cam, normalize_maps, resize_maps
-from .augment import crop_flip, num_variants, to_device_tensor, variant_params
-from .data import load_prepared
+from .augment import crop_flip, num_variants, variant_params
 from .errors import CacheError, MatekdError
 from .params import Params
-from .runtime import stage
-from .storage import load_tensors, save_tensors, sha256_file, write_json
-from .teachers import load_teacher, teacher_paths
-from .train import PAD, autocast, device_labels, image_variants, model_input
+from .paths import cache_path, teacher_paths
+from .storage import load_tensors, sha256_file
+from .train import PAD, autocast, image_variants, model_input
 
 CACHE_VERSION = "1"
 
 
-def cache_path(name: str, root: Path = Path(".")) -> Path:
-    return root / "cams" / f"{name}.safetensors"
-
-
 @torch.no_grad()
-def _maps(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int, resolution: int,
+def teacher_maps(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int, resolution: int,
           device: torch.device) -> torch.Tensor:
     out = []
     for start in range(0, images.shape[0], batch_size):
@@ -60,7 +52,11 @@ def variant_logits(model, images: torch.Tensor, batch_size: int, device: torch.d
         offsets, flips = variant_params(variant, PAD)
         views = crop_flip(images[image_idx].to(device), offsets, flips, PAD)
         with autocast(device):
-            out = model(model_input(views, device)).float().half()
+            out = model(model_input(views, device)).float()
+        if not bool(torch.isfinite(out.half()).all()):
+            raise CacheError(f"teacher logits reach {float(out.abs().max()):.3g}, beyond the fp16 range of the "
+                             "cache (65504): the teacher looks untrained or diverged; retrain it")
+        out = out.half()
         if logits is None:
             logits = torch.zeros(n, n_var, out.shape[1], dtype=torch.float16, device=device)
         logits[image_idx, variant] = out
@@ -73,53 +69,20 @@ def used_variants(params: Params, n: int) -> torch.Tensor:
     """[N, V] mask of the variants that the distill and ablation students will gather: their
     seeds and epochs fix every image's augmentation (train.image_variants)."""
     mask = torch.zeros(n, num_variants(PAD), dtype=torch.bool)
-    for seed in sorted({params.distill.seed, *params.ablation.seeds}):
+    seeds = {params.distill.seed, *params.ablation.seeds} if params.distill.data_seed is None \
+        else {params.distill.data_seed}
+    for seed in sorted(seeds):
         variants = image_variants(seed, params.distill.recipe.epochs, n)
         mask[torch.arange(n).expand_as(variants), variants] = True
     return mask
 
 
-def run_cache(params: Params, name: str, prepared_dir: str | Path = "prepared") -> dict:
-    data = load_prepared(prepared_dir)
-    weights_path = teacher_paths(name)["weights"]
-    teacher_sha = sha256_file(weights_path) if weights_path.exists() else None
-    with stage(params, name="cache", run_name=f"cache-{name}", data_hash=data.manifest_hash,
-               tags={"model": name}) as ctx:
-        device = ctx.device
-        model = load_teacher(name, device)
-        res = params.cache.resolution
-        tic = time.perf_counter()
-        tensors = {}
-        for split in ("train", "val"):
-            images = to_device_tensor(getattr(data, f"{split}_images"), device)
-            labels = device_labels(getattr(data, f"{split}_labels"), device)
-            tensors[f"{split}_maps"] = _maps(model, images, labels, params.cache.batch_size, res, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        map_seconds = time.perf_counter() - tic
-        logit_seconds = 0.0
-        if params.distill.teacher_signals == "cached":
-            tic = time.perf_counter()
-            n = len(data.train_labels)
-            wanted = used_variants(params, n) if params.cache.logit_variants == "used" else None
-            tensors["train_logits"], tensors["train_logits_mask"] = variant_logits(
-                model, to_device_tensor(data.train_images, device), params.cache.batch_size, device, wanted)
-            logit_seconds = time.perf_counter() - tic
-        metadata = {"version": CACHE_VERSION, "teacher": name, "teacher_sha256": teacher_sha,
-                    "dataset_sha256": data.manifest_hash, "layer": model.cam_layer,
-                    "resolution": str(res), "target": "label", "pad": str(PAD),
-                    "logits": str("train_logits" in tensors).lower(),
-                    "logit_variants": params.cache.logit_variants}
-        save_tensors(cache_path(name), tensors, metadata)
-        summary = {"teacher": name, "map_seconds": map_seconds, "logit_seconds": logit_seconds,
-                   "images": int(tensors["train_maps"].shape[0] + tensors["val_maps"].shape[0]),
-                   "resolution": res, "layer": model.cam_layer, "device": device.type,
-                   "map_mean": float(tensors["train_maps"].float().mean()),
-                   "zero_map_fraction": float((tensors["train_maps"].flatten(1).amax(1) == 0).float().mean())}
-        write_json(Path("metrics") / "cache" / f"{name}.json", summary)
-        ctx.run.log_metrics({"cache/map_seconds": map_seconds, "cache/logit_seconds": logit_seconds,
-                             "cache/zero_map_fraction": summary["zero_map_fraction"]})
-    return summary
+def cache_metadata(params: Params, name: str, model, teacher_sha: str | None, dataset_sha: str,
+                   with_logits: bool) -> dict[str, str]:
+    return {"version": CACHE_VERSION, "teacher": name, "teacher_sha256": teacher_sha,
+            "dataset_sha256": dataset_sha, "layer": model.cam_layer,
+            "resolution": str(params.cache.resolution), "target": "label", "pad": str(PAD),
+            "logits": str(with_logits).lower(), "logit_variants": params.cache.logit_variants}
 
 
 @dataclass

@@ -1,9 +1,11 @@
 """The 19 CIFAR-10-C corruptions (Hendrycks & Dietterich, ICLR 2019), vectorised over a batch.
 
 Pure functions on uint8 NHWC batches of 32x32 RGB images. Each corruption follows the
-official CIFAR generator (`make_cifar_c.py`, see docs/cifar10c.md of the shared data):
+official CIFAR generator (`make_cifar_c.py`, see docs/cifar10c.md):
 float64 on x/255 (float32 where the official code uses float32), clip to [0, 1], times 255,
-truncation to uint8; motion blur and frost work on the 0..255 scale.
+truncation to uint8; motion blur and frost work on the 0..255 scale, and the two ImageMagick
+motion blurs (motion_blur, snow's layer) are quantised as ImageMagick's 8-bit output
+(imagemagick_to_uint8).
 
 Randomness comes from a numpy Generator derived from (seed, corruption index, severity,
 chunk index), so a corruption's output never depends on which other corruptions ran. The
@@ -20,8 +22,8 @@ from __future__ import annotations
 import functools
 import io
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from scipy import ndimage
@@ -185,7 +187,7 @@ def zoom_matrix(z: float, size: int = IMAGE_SIZE) -> np.ndarray:
     """
     ch = int(np.ceil(size / z))
     top = (size - ch) // 2
-    out_size = int(round(ch * z))
+    out_size = round(ch * z)
     trim = (out_size - size) // 2
     step = (ch - 1) / (out_size - 1) if out_size > 1 else 1.0
     src = np.arange(trim, trim + size) * step
@@ -210,7 +212,8 @@ def motion_blur_batch(x: np.ndarray, radius: float, sigma: float, angles_deg: np
 
     Width 2*ceil(radius)+1; weight_i proportional to exp(-i^2 / (2 sigma^2)); tap i reads
     the pixel at (column + ceil(i*cos(a) - 0.5), row + ceil(i*sin(a) - 0.5)) with edge
-    replication, using ImageMagick's own offset arithmetic. Returns float (not rounded).
+    replication, using ImageMagick's own offset arithmetic. Returns float, unquantised
+    (imagemagick_motion_blur adds ImageMagick's 8-bit quantisation).
     """
     h, w = x.shape[1:3]
     width = int(2 * math.ceil(radius) + 1)
@@ -229,6 +232,28 @@ def motion_blur_batch(x: np.ndarray, radius: float, sigma: float, angles_deg: np
         cols = np.clip(cols0[None, :] + off_x[:, t, None], 0, w - 1)
         out += kernel[t] * gather_pixels(x, rows[:, :, None], cols[:, None, :])
     return out
+
+
+def imagemagick_to_uint8(x: np.ndarray) -> np.ndarray:
+    """The 8-bit values ImageMagick writes for a filter result `x` on the 0..255 scale.
+
+    The official code runs ImageMagick through Wand and reads its 8-bit PNG back. ImageMagick
+    6 Q16 without HDRI (its default build, the one Debian and Ubuntu ship) keeps 16-bit
+    quanta (an 8-bit v is 257*v): the filter stores its result with ClampToQuantum, which
+    rounds to the nearest quantum, and the 8-bit export truncates (range*quantum/QuantumRange
+    without +0.5). So this is floor(x) except within 0.5/257 below an integer, where the
+    16-bit rounding already reached it: 12.7 -> 12, 12.99 -> 12, 12.999 -> 13. Checked value
+    for value against ImageMagick 6.9.11-60 Q16; rounding x to nearest is off by one on about
+    half the values. (HDRI builds keep float quanta and round; see docs/cifar10c.md.)
+    """
+    quanta = np.floor(np.clip(x, 0, 255) * 257.0 + 0.5)  # ClampToQuantum: (Quantum) (v + 0.5)
+    return (quanta // 257).astype(np.uint8)
+
+
+def imagemagick_motion_blur(x: np.ndarray, radius: float, sigma: float, angles_deg: np.ndarray) -> np.ndarray:
+    """Wand's motion_blur on 8-bit images (N, H, W, C) as the official code gets it back:
+    motion_blur_batch, then ImageMagick's 8-bit quantisation (uint8)."""
+    return imagemagick_to_uint8(motion_blur_batch(x.astype(np.float64), radius, sigma, angles_deg))
 
 
 def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
@@ -392,12 +417,11 @@ def glass_blur(images: np.ndarray, severity: int, rng: np.random.Generator | Non
 
 
 def motion_blur(images: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """ImageMagick motion blur (angle uniform in [-45, 45] degrees) on 0..255; ImageMagick
-    writes 8-bit output rounded to nearest, so the result is rounded, not truncated."""
+    """ImageMagick motion blur (angle uniform in [-45, 45] degrees) on 0..255, quantised as
+    ImageMagick's 8-bit output (truncation, see imagemagick_to_uint8)."""
     radius, sigma = SEVERITY_PARAMS["motion_blur"][severity - 1]
     angles = rng.uniform(-45, 45, size=len(images))
-    out = motion_blur_batch(images.astype(np.float64), radius, sigma, angles)
-    return np.rint(np.clip(out, 0, 255)).astype(np.uint8)
+    return imagemagick_motion_blur(images, radius, sigma, angles)
 
 
 def zoom_blur(images: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
@@ -429,8 +453,9 @@ def gaussian_blur(images: np.ndarray, severity: int, rng: np.random.Generator) -
 # --------------------------------------------------------------------------- weather
 
 def snow(images: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """Snow layer: normal field, clipped zoom, threshold, 8-bit, motion blur (angle in
-    [-135, -45]), 8-bit; image whitened towards 1.5*gray + 0.5; layer added twice (rot 180)."""
+    """Snow layer: normal field, clipped zoom, threshold, 8-bit (truncated), ImageMagick
+    motion blur (angle in [-135, -45]) read back as ImageMagick's 8-bit output
+    (imagemagick_to_uint8); image whitened towards 1.5*gray + 0.5; layer added twice (rot 180)."""
     mean, std, zoom, thr, radius, sigma, blend = SEVERITY_PARAMS["snow"][severity - 1]
     n = len(images)
     x = images.astype(np.float32) / 255.0
@@ -439,8 +464,7 @@ def snow(images: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndar
     layer[layer < thr] = 0
     layer8 = (np.clip(layer, 0, 1) * 255).astype(np.uint8)
     angles = rng.uniform(-135, -45, size=n)
-    blurred = motion_blur_batch(layer8[..., None].astype(np.float64), radius, sigma, angles)
-    layer = np.rint(np.clip(blurred, 0, 255)) / 255.0  # ImageMagick's 8-bit output
+    layer = imagemagick_motion_blur(layer8[..., None], radius, sigma, angles) / 255.0
     gray = (np.float32(0.299) * x[..., 0] + np.float32(0.587) * x[..., 1] + np.float32(0.114) * x[..., 2])
     x = blend * x + (1 - blend) * np.maximum(x, gray[..., None] * 1.5 + 0.5)
     return _finish(x + layer + layer[:, ::-1, ::-1])
@@ -466,7 +490,7 @@ def _resize_bilinear_cv2(img: np.ndarray, fx: float) -> np.ndarray:
     antialiasing). For fx = 0.2 every source coordinate is the integer 5*i + 2, so this is
     exact subsampling, identical to OpenCV."""
     h, w = img.shape[:2]
-    out_h, out_w = int(round(h * fx)), int(round(w * fx))
+    out_h, out_w = round(h * fx), round(w * fx)
     scale = 1.0 / fx
 
     def axis(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -610,7 +634,7 @@ def distance_transform_chamfer5(sources: np.ndarray, cap: float) -> np.ndarray:
              if (di * di + dj * dj) in _CHAMFER]
     new = np.empty_like(d)
     tmp = np.empty_like(d)
-    for _ in range(int(math.ceil(cap))):
+    for _ in range(math.ceil(cap)):
         new[...] = d
         for di, dj, weight in moves:
             np.add(padded[:, 2 + di:2 + di + h, 2 + dj:2 + dj + w], weight, out=tmp)

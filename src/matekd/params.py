@@ -14,10 +14,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from . import methods as method_table
 from .errors import ParamsError
 
 MODEL_NAMES = ("resnet20", "resnet56", "resnet110", "vgg19_bn", "densenet121")
-METHODS = ("ce", "kd", "mtkd_equal", "mate_kd_noattr", "mate_kd")
 CIFAR_PER_CLASS_TRAIN = 5000
 CIFAR_PER_CLASS_TEST = 1000
 
@@ -48,7 +48,7 @@ class DataParams(Strict):
     test_per_class: int | None = Field(default=None, ge=1, le=CIFAR_PER_CLASS_TEST)
 
     @model_validator(mode="after")
-    def _fits(self) -> "DataParams":
+    def _fits(self) -> DataParams:
         if self.train_per_class is not None and self.train_per_class + self.val_per_class > CIFAR_PER_CLASS_TRAIN:
             raise ValueError(
                 f"data.train_per_class + data.val_per_class = {self.train_per_class + self.val_per_class} "
@@ -64,9 +64,16 @@ class CacheParams(Strict):
     logit_variants: Literal["all", "used"] = "all"
 
 
+def _known_method(name: str) -> str:
+    """Methods come from the method table (matekd.methods), checked when params are validated."""
+    if name not in method_table.METHODS:
+        raise ValueError(f"unknown method {name!r}; allowed: {', '.join(method_table.METHODS)}")
+    return name
+
+
 class DistillParams(Strict):
     student: Literal[MODEL_NAMES] = "resnet20"  # type: ignore[valid-type]
-    method: Literal[METHODS] = "mate_kd"  # type: ignore[valid-type]
+    method: str = "mate_kd"
     kd_teacher: str = "resnet110"
     seed: int = Field(default=0, ge=0)
     kd_temperature: float = Field(default=3.0, gt=0)
@@ -81,12 +88,21 @@ class DistillParams(Strict):
     map_norm: Literal["max", "l2"] = "max"
     rescale_weights: bool = False
     teacher_signals: Literal["online", "cached"] = "online"
+    # null: each student draws its data order and augmentation from its own seed. An integer: every
+    # student draws them from this seed (seeds then differ only in initialisation; a shortcut that
+    # lets students share one teacher pass per batch and the cache hold fewer variants).
+    data_seed: int | None = Field(default=None, ge=0)
     log_every: int = Field(default=20, ge=1)
     histogram_bins: int = Field(default=20, ge=2, le=200)
     recipe: Recipe
 
+    @field_validator("method")
+    @classmethod
+    def _method(cls, value: str) -> str:
+        return _known_method(value)
+
     @model_validator(mode="after")
-    def _schedule(self) -> "DistillParams":
+    def _schedule(self) -> DistillParams:
         if (self.similarity_temperature_end is None) != (self.similarity_schedule_epochs is None):
             raise ValueError("distill.similarity_temperature_end and distill.similarity_schedule_epochs "
                              "must be set together (a linear tau schedule) or both left null")
@@ -94,8 +110,14 @@ class DistillParams(Strict):
 
 
 class AblationParams(Strict):
-    methods: list[Literal[METHODS]] = Field(default_factory=lambda: list(METHODS))  # type: ignore[valid-type]
+    methods: list[str] = Field(default_factory=lambda: list(method_table.METHODS))
     seeds: list[int] = Field(default_factory=lambda: [0])
+    # Students trained together in one process (one network of grouped convolutions), each
+    # exactly as if alone; 1 = one student at a time.
+    group_size: int = Field(default=1, ge=1, le=64)
+    # true: every ablation run trains with its own method's tuned values (tuning/best/<method>.yaml);
+    # false: with the shared distill.* values.
+    tuned: bool = False
 
     @field_validator("methods", "seeds")
     @classmethod
@@ -106,6 +128,13 @@ class AblationParams(Strict):
             raise ValueError("entries must be unique")
         return value
 
+    @field_validator("methods")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        for name in value:
+            _known_method(name)
+        return value
+
 
 class CorruptParams(Strict):
     source: str = ""  # folder with the official CIFAR-10-C .npy files; empty = regenerate
@@ -113,6 +142,7 @@ class CorruptParams(Strict):
     seed: int = Field(default=0, ge=0)
     images_per_class: int | None = Field(default=None, ge=1, le=CIFAR_PER_CLASS_TEST)
     corruptions: list[str] | None = None  # null = all 19
+    workers: int = Field(default=1, ge=1, le=256)  # processes generating corruptions in parallel (CPU)
 
 
 class EvaluateParams(Strict):
@@ -127,7 +157,7 @@ class SpaceEntry(Strict):
     log: bool = False
 
     @model_validator(mode="after")
-    def _range(self) -> "SpaceEntry":
+    def _range(self) -> SpaceEntry:
         if self.low > self.high:
             raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
         if self.log and self.low <= 0:
@@ -144,13 +174,29 @@ class TuneParams(Strict):
     pruner_warmup_epochs: int = Field(default=1, ge=0)
     pruner_startup_trials: int = Field(default=2, ge=0)
     storage: str = "tuning/optuna.db"
-    method: Literal[METHODS] = "mate_kd"  # type: ignore[valid-type]
+    # One study per method (`<study_name>-<method>`), alike in budget, sampler and pruner; each
+    # searches the keys of tune.space that it uses (the method table says which).
+    methods: list[str] = Field(default_factory=lambda: ["mate_kd"])
     space: dict[str, SpaceEntry] = Field(default_factory=lambda: {
         "kd_temperature": SpaceEntry(low=1, high=8, log=True),
         "similarity_temperature": SpaceEntry(low=0.02, high=2, log=True),
         "ce_weight": SpaceEntry(low=0, high=1),
         "attribution_weight": SpaceEntry(low=0, high=1),
+        "lr": SpaceEntry(low=0.01, high=0.4, log=True),
     })
+    # Parameter importances are reported only from this many finished trials on.
+    min_trials_for_importance: int = Field(default=8, ge=2)
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must list at least one method")
+        if len(set(value)) != len(value):
+            raise ValueError("entries must be unique")
+        for name in value:
+            _known_method(name)
+        return value
 
     @field_validator("space")
     @classmethod
@@ -168,9 +214,18 @@ TUNABLE = ("kd_temperature", "similarity_temperature", "ce_weight", "attribution
            "weight_decay", "similarity_temperature_end")
 
 
+def param_key(name: str) -> str:
+    """The dotted params.yaml key of a tunable name (`lr` -> `distill.recipe.lr`)."""
+    return f"distill.recipe.{name}" if name in method_table.RECIPE_KEYS else f"distill.{name}"
+
+
 class TrackingParams(Strict):
     enabled: bool = True
     experiment: str = "matekd"
+    # online: the MLflow store (MLFLOW_TRACKING_URI or <repo>/mlruns); offline: a folder of run
+    # records (offline_dir) that `matekd sync-runs` imports later, for machines without MLflow.
+    mode: Literal["online", "offline"] = "online"
+    offline_dir: str = "mlruns-offline"
 
 
 class Params(Strict):
@@ -199,7 +254,7 @@ class Params(Strict):
         return teachers
 
     @model_validator(mode="after")
-    def _kd_teacher(self) -> "Params":
+    def _kd_teacher(self) -> Params:
         if self.distill.kd_teacher not in self.teachers:
             raise ValueError(f"distill.kd_teacher {self.distill.kd_teacher!r} is not one of the teachers "
                              f"({', '.join(self.teachers)})")

@@ -14,8 +14,9 @@ import shutil
 import struct
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -252,3 +253,27 @@ def safe_extract_tar(archive: str | os.PathLike, dest: str | os.PathLike) -> Non
             tar.extractall(dest, members=members, filter="data")
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise MatekdError(f"{archive} is truncated or corrupt ({exc})") from exc
+
+
+def digest_of(*parts: Any) -> str:
+    """sha256 of a JSON rendering of `parts` (checkpoint and result identities)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_history_csv(path: str | os.PathLike, history: list[dict[str, float]]) -> None:
+    """Per-epoch records as CSV (for `dvc plots` and the report)."""
+    import pandas as pd
+
+    with atomic_path(path) as tmp:
+        pd.DataFrame(history).to_csv(tmp, index=False)
+
+
+def source_digest() -> str:
+    """sha256 of matekd's own source files: a checkpoint or stored result written by other code
+    is never resumed (DVC reruns a stage after a code change; it must not find old results)."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()

@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +25,9 @@ from .augment import crop_flip, normalize, sample_crop_flip, variant_index
 from .errors import MatekdError, TrainingDiverged
 from .params import Recipe
 from .storage import atomic_path, safe_torch_load
-from .tracking import NullRun
 
 PAD = 4  # random-crop zero padding of the CIFAR recipe
+T = TypeVar("T")
 
 
 def resolve_device(choice: str = "auto") -> torch.device:
@@ -35,6 +36,33 @@ def resolve_device(choice: str = "auto") -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(choice)
+
+
+def visible_devices(choice: str = "auto") -> list[torch.device]:
+    """The devices a multi-process command spreads over: every visible GPU (CUDA_VISIBLE_DEVICES
+    decides which) for `auto`/`cuda`, else the CPU."""
+    device = resolve_device(choice)
+    if device.type == "cuda":
+        return [torch.device("cuda", k) for k in range(torch.cuda.device_count())]
+    return [device]
+
+
+def assign_round_robin(items: Sequence[T], devices: Sequence[str]) -> list[tuple[str, list[T]]]:
+    """Item k goes to slot k % len(devices) (tuning workers, student groups): one (device, items)
+    entry per slot, in order, possibly with nothing to do; a device may be listed twice."""
+    if not devices:
+        raise ValueError("no device to assign work to")
+    plan: list[tuple[str, list[T]]] = [(device, []) for device in devices]
+    for k, item in enumerate(items):
+        plan[k % len(devices)][1].append(item)
+    return plan
+
+
+def device_name(device: torch.device) -> str:
+    """The device in words, for tags and reports (the GPU's name, or the CPU thread count)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def configure_determinism(seed: int, deterministic: bool) -> None:
@@ -141,21 +169,35 @@ def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int = 0)
     return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup_steps, span) / span))
 
 
+class RunLike(Protocol):
+    """What the loop needs of a tracked run (matekd.tracking's runs, or a stand-in)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+
 @dataclass
 class Batch:
-    index: torch.Tensor    # positions in the training set [B]
-    images: torch.Tensor   # augmented uint8 NCHW [B,3,32,32]
-    inputs: torch.Tensor   # normalised float model input
-    labels: torch.Tensor   # [B]
-    offsets: torch.Tensor  # crop offsets (dy, dx) [B,2]
-    flips: torch.Tensor    # horizontal flips [B]
+    """One optimisation step's data for S students trained together (S = 1 alone): student s
+    sees its own images, in its own order and augmentation (a function of its seed)."""
+
+    index: torch.Tensor    # positions in the training set [S,B]
+    images: torch.Tensor   # augmented uint8 NCHW [S*B,3,32,32], student-major
+    inputs: torch.Tensor   # normalised float model input [S*B,3,32,32]
+    labels: torch.Tensor   # [S,B]
+    offsets: torch.Tensor  # crop offsets (dy, dx) [S,B,2]
+    flips: torch.Tensor    # horizontal flips [S,B]
+
+    @property
+    def slots(self) -> int:
+        return self.labels.shape[0]
 
 
 @dataclass
 class StepOutput:
-    loss: torch.Tensor                  # scalar to minimise
-    logits: torch.Tensor                # student logits, for train accuracy
-    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # scalars to log
+    loss: torch.Tensor                  # scalar to minimise: the sum of the students' losses
+    logits: torch.Tensor                # student logits [S,B,C], for train accuracy
+    losses: torch.Tensor                # each student's loss [S] (divergence checks, logging)
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # per-student scalars to log, each [S]
 
 
 @dataclass
@@ -167,7 +209,8 @@ class FitResult:
 
 
 StepFn = Callable[[Batch, int], StepOutput]
-EpochHook = Callable[[int, dict[str, float]], None]
+EpochHook = Callable[[int, list[dict[str, float]]], None]
+Predict = Callable[[torch.Tensor, int], torch.Tensor]   # uint8 images [N,...], batch size -> logits [S,N,C]
 
 
 def batch_slices(n: int, batch_size: int) -> list[tuple[int, int]]:
@@ -180,8 +223,8 @@ def batch_slices(n: int, batch_size: int) -> list[tuple[int, int]]:
 
 def make_batch(images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor,
                flips: torch.Tensor, device: torch.device) -> Batch:
-    """Gather, crop and flip a batch on the device."""
-    augmented = crop_flip(images[index], offsets, flips, PAD)
+    """Gather, crop and flip a batch on the device; index [S,B], offsets [S,B,2], flips [S,B]."""
+    augmented = crop_flip(images[index.reshape(-1)], offsets.reshape(-1, 2), flips.reshape(-1), PAD)
     return Batch(index, augmented, model_input(augmented, device), labels[index], offsets, flips)
 
 
@@ -196,39 +239,67 @@ def optimise(step_fn: StepFn, batch: Batch, epoch: int, optimizer: torch.optim.O
     return out
 
 
+def single_predict(model: nn.Module, device: torch.device) -> Predict:
+    """`predict` for one plain model: logits [1,N,C]."""
+    return lambda images, batch_size: predict_logits(model, images, batch_size, device)[None]
+
+
+def slot_accuracy(predict: Predict, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> list[float]:
+    """Top-1 accuracy of every student on the same images (NaN for an empty set)."""
+    if images.shape[0] == 0:
+        return [float("nan")]
+    logits = predict(images, batch_size)
+    correct = (logits.argmax(-1) == labels.to(logits.device)).sum(-1)
+    return (correct.double() / labels.shape[0]).tolist()
+
+
 def fit(*, model: nn.Module, step_fn: StepFn, recipe: Recipe, train_images: torch.Tensor,
         train_labels: torch.Tensor, val_images: torch.Tensor, val_labels: torch.Tensor,
-        device: torch.device, seed: int, run: NullRun, checkpoint: Path | None, digest: str,
+        device: torch.device, seeds: list[int], runs: list[RunLike], checkpoint: Path | None, digest: str,
         desc: str, log_every: int = 20, test_images: torch.Tensor | None = None,
         test_labels: torch.Tensor | None = None, epoch_hook: EpochHook | None = None,
-        progress: bool = True) -> FitResult:
-    """Train `model` for recipe.epochs with SGD + schedule, checkpointing every epoch.
+        predict: Predict | None = None, slot_terms: list[set[str]] | None = None,
+        progress: bool = True) -> list[FitResult]:
+    """Train `model` (one network holding S = len(seeds) students, S = 1 alone) for
+    recipe.epochs with SGD + schedule, checkpointing every epoch.
 
-    `train_images` are uint8 NCHW on `device`. `step_fn(batch, epoch)` returns the loss. If
-    `checkpoint` holds a state with the same `digest`, training resumes after its epoch.
+    Student s draws its shuffling and augmentation from seeds[s] and logs to runs[s] (only the
+    terms in slot_terms[s]). `train_images` are uint8 NCHW on `device`. `step_fn(batch, epoch)`
+    returns the summed loss and per-student values. `predict(images, batch)` gives every
+    student's logits (default: `model` is one plain network). If `checkpoint` holds a state
+    with the same `digest`, training resumes after its epoch. Returns one result per student.
     """
+    slots = len(seeds)
+    if len(runs) != slots:
+        raise ValueError(f"{slots} seeds but {len(runs)} runs")
+    predict = predict or single_predict(model, device)
     optimizer = make_optimizer(model, recipe)
     n = train_images.shape[0]
     slices = batch_slices(n, recipe.batch_size)
     total_steps = recipe.epochs * len(slices)
     warmup_steps = min(round(recipe.warmup_epochs * len(slices)), total_steps)
-    start_epoch, history, seconds = 0, [], 0.0
+    start_epoch, seconds = 0, 0.0
+    histories: list[list[dict]] = [[] for _ in range(slots)]
     if checkpoint is not None and checkpoint.exists():
         state = safe_torch_load(checkpoint)
         if state.get("digest") == digest:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-            start_epoch, history, seconds = state["epoch"], list(state["history"]), state["seconds"]
+            start_epoch, seconds = state["epoch"], state["seconds"]
+            histories = [list(h) for h in state["histories"]]
             tqdm.write(f"{desc}: resuming from {checkpoint} after epoch {start_epoch}")
     images_seen = 0
     train_seconds = 0.0
     for epoch in range(start_epoch, recipe.epochs):
         model.train()
-        order, offsets, flips = epoch_augmentation(seed, epoch, n, device)
+        plans = [epoch_augmentation(seed, epoch, n, device) for seed in seeds]
+        orders = torch.stack([p[0] for p in plans])          # [S,n]
+        offsets = torch.stack([p[1] for p in plans])         # [S,n,2]
+        flips = torch.stack([p[2] for p in plans])           # [S,n]
         sums: dict[str, torch.Tensor] = {}
-        correct = torch.zeros((), device=device)
+        correct = torch.zeros(slots, device=device)
         seen = 0
-        first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        first_bad_step = torch.full((slots,), -1, dtype=torch.long, device=device)
         bar = tqdm(slices, desc=f"{desc} {epoch + 1}/{recipe.epochs}", disable=not progress,
                    leave=False, dynamic_ncols=True)
         if device.type == "cuda":
@@ -238,60 +309,82 @@ def fit(*, model: nn.Module, step_fn: StepFn, recipe: Recipe, train_images: torc
             step = epoch * len(slices) + i
             for group in optimizer.param_groups:
                 group["lr"] = recipe.lr * lr_factor(step, total_steps, recipe.schedule, warmup_steps)
-            batch = make_batch(train_images, train_labels, order[lo:hi], offsets[lo:hi], flips[lo:hi], device)
+            batch = make_batch(train_images, train_labels, orders[:, lo:hi], offsets[:, lo:hi], flips[:, lo:hi],
+                               device)
             out = optimise(step_fn, batch, epoch, optimizer, device)
-            # NaN/Inf detection without a host sync: remember the first bad step on the device.
-            bad = ~torch.isfinite(out.loss.detach())
+            # NaN/Inf detection without a host sync: remember each student's first bad step on the device.
+            bad = ~torch.isfinite(out.losses.detach())
             first_bad_step = torch.where(bad & (first_bad_step < 0), torch.full_like(first_bad_step, step),
                                          first_bad_step)
             size = hi - lo
             seen += size
-            terms = {"loss": out.loss.detach(), **{k: v.detach() for k, v in out.terms.items()}}
+            terms = {"loss": out.losses.detach(), **{k: v.detach() for k, v in out.terms.items()}}
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0) + value.float() * size
-            correct += (out.logits.detach().argmax(1) == batch.labels).sum()
+            correct += (out.logits.detach().argmax(-1) == batch.labels).sum(-1)
             if (step + 1) % log_every == 0 or i == len(slices) - 1:
-                _check_finite(first_bad_step, epoch, len(slices))
-                synced = torch.stack([v.float() for v in terms.values()]).tolist()  # one host sync
-                values = {f"step/{k}": v for k, v in zip(terms, synced)}
-                values["step/lr"] = optimizer.param_groups[0]["lr"]
-                run.log_metrics(values, step=step)
-                bar.set_postfix(loss=f"{values['step/loss']:.3f}",
-                                acc=f"{float(correct) / seen:.3f}",
-                                ips=f"{seen / max(time.perf_counter() - tic, 1e-9):.0f}")
+                _check_finite(first_bad_step, epoch, len(slices), desc)
+                synced = torch.stack([v.float() for v in terms.values()]).T.tolist()  # one host sync
+                lr = optimizer.param_groups[0]["lr"]
+                for s in range(slots):
+                    values = {f"step/{k}": v for k, v in zip(terms, synced[s]) if _logged(k, s, slot_terms)}
+                    values["step/lr"] = lr
+                    runs[s].log_metrics(values, step=step + 1)
+                bar.set_postfix(loss=f"{synced[0][0]:.3f}", acc=f"{float(correct[0]) / seen:.3f}",
+                                ips=f"{seen * slots / max(time.perf_counter() - tic, 1e-9):.0f}")
         bar.close()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         epoch_seconds = time.perf_counter() - tic
         train_seconds += epoch_seconds
         images_seen += seen
-        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                  "train_acc": float(correct) / seen, "images_per_second": seen / epoch_seconds}
-        epoch_sums = torch.stack([v.float() for v in sums.values()]).tolist()
-        record.update({f"train_{k}": v / seen for k, v in zip(sums, epoch_sums)})
-        record["val_acc"] = accuracy(model, val_images, val_labels, recipe.eval_batch_size, device)
-        if test_images is not None and test_labels is not None:
-            record["test_acc"] = accuracy(model, test_images, test_labels, recipe.eval_batch_size, device)
+        epoch_sums = torch.stack([v.float() for v in sums.values()]).T.tolist()
+        accuracy_train = (correct / seen).tolist()
+        val_acc = slot_accuracy(predict, val_images, val_labels, recipe.eval_batch_size)
+        test_acc = (slot_accuracy(predict, test_images, test_labels, recipe.eval_batch_size)
+                    if test_images is not None and test_labels is not None else None)
         seconds += epoch_seconds
-        history.append(record)
-        run.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
+        records = []
+        for s in range(slots):
+            # images_per_second: this student's images per second (students together share the time).
+            record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_acc": accuracy_train[s],
+                      "images_per_second": seen / epoch_seconds}
+            record.update({f"train_{k}": v / seen for k, v in zip(sums, epoch_sums[s]) if _logged(k, s, slot_terms)})
+            record["val_acc"] = val_acc[s] if len(val_acc) > 1 else val_acc[0]
+            if test_acc is not None:
+                record["test_acc"] = test_acc[s] if len(test_acc) > 1 else test_acc[0]
+            histories[s].append(record)
+            records.append(record)
+            # Step = the 0-based epoch index, shared with the per-epoch images (MLflow opens an
+            # image card on step 0); per-step terms use the global step.
+            runs[s].log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
         if checkpoint is not None:
             save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                         "epoch": epoch + 1, "history": history, "seconds": seconds,
+                                         "epoch": epoch + 1, "histories": histories, "seconds": seconds,
                                          "digest": digest})
         if epoch_hook is not None:
-            epoch_hook(epoch + 1, record)
-    ips = images_seen / train_seconds if train_seconds else (history[-1]["images_per_second"] if history else 0.0)
-    return FitResult(history=history, seconds=seconds, images_per_second=ips, steps=total_steps)
+            epoch_hook(epoch + 1, records)
+    results = []
+    for s in range(slots):
+        history = histories[s]
+        ips = images_seen / train_seconds if train_seconds else (history[-1]["images_per_second"] if history else 0.0)
+        results.append(FitResult(history=history, seconds=seconds, images_per_second=ips, steps=total_steps))
+    return results
 
 
-def _check_finite(first_bad_step: torch.Tensor, epoch: int, steps_per_epoch: int) -> None:
-    bad = int(first_bad_step)
-    if bad >= 0:
-        raise TrainingDiverged(
-            f"loss became NaN or infinite at epoch {epoch + 1}, step {bad - epoch * steps_per_epoch + 1} "
-            f"(global step {bad + 1}); the last good checkpoint is kept. Lower the learning rate or "
-            "check the loss coefficients.")
+def _logged(term: str, slot: int, slot_terms: list[set[str]] | None) -> bool:
+    return term == "loss" or slot_terms is None or term in slot_terms[slot]
+
+
+def _check_finite(first_bad_step: torch.Tensor, epoch: int, steps_per_epoch: int, desc: str) -> None:
+    bad = first_bad_step.tolist()
+    for slot, step in enumerate(bad):
+        if step >= 0:
+            who = f"{desc}: " if len(bad) == 1 else f"{desc}, student {slot}: "
+            raise TrainingDiverged(
+                f"{who}loss became NaN or infinite at epoch {epoch + 1}, step {step - epoch * steps_per_epoch + 1} "
+                f"(global step {step + 1}); the last good checkpoint is kept. Lower the learning rate or "
+                "check the loss coefficients.")
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -300,11 +393,12 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def cross_entropy_step(model: nn.Module) -> StepFn:
-    """The plain supervised step (teachers and the `ce` baseline)."""
+    """The plain supervised step of one model (teachers)."""
 
     def step(batch: Batch, epoch: int) -> StepOutput:
         logits = model(batch.inputs)
-        loss = F.cross_entropy(logits.float(), batch.labels)
-        return StepOutput(loss=loss, logits=logits, terms={"ce": loss.detach()})
+        loss = F.cross_entropy(logits.float(), batch.labels.reshape(-1))
+        per = loss.detach()[None]
+        return StepOutput(loss=loss, logits=logits[None], losses=loss[None], terms={"ce": per})
 
     return step

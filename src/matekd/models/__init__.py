@@ -11,7 +11,7 @@ Every model returned by `build_model` has:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

@@ -1,11 +1,7 @@
-"""CIFAR-10 ingest: find and fetch the raw source, read it safely, write the prepared splits.
+"""Raw CIFAR-10 sources: find the source in data/ and read it safely into memory.
 
-Raw data lives in `data/` (tracked by DVC through `data.dvc`); `run_prepare` turns it into
-`prepared/cifar10.safetensors` + `prepared/manifest.json`, and `load_prepared` reads that back
-after checking every array against the manifest.
-
-Two source formats are read, both without extracting anything to disk and without ever
-executing code from the data:
+Two formats are read, both without extracting anything to disk and without ever executing
+code from the data:
 - the canonical python release (`cifar-10-python.tar.gz` or its extracted
   `cifar-10-batches-py/`): pickled batches, loaded with an allow-list unpickler;
 - an image folder (`train/<class>/*`, `test/<class>/*`, optionally under one top folder) of
@@ -15,31 +11,26 @@ executing code from the data:
 from __future__ import annotations
 
 import bz2
-import contextlib
 import gzip
 import hashlib
 import io
-import json
 import logging
 import lzma
 import os
 import pickle
-import shutil
-import subprocess
-import sys
 import tarfile
-import tempfile
 import warnings
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
-from .errors import DataError, MatekdError, ParamsError
-from .storage import atomic_dir, check_tar_member, load_tensors, save_tensors, sha256_array, sha256_file, write_json
+from ..errors import DataError
+from ..storage import check_tar_member
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +56,6 @@ KIND_FOLDER = "image-folder"
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 SKIP_MD5_ENV = "MATEKD_SKIP_MD5"
 SOURCE_ENV = "MATEKD_CIFAR10"
-PREPARED_FILE = "cifar10.safetensors"
-MANIFEST_FILE = "manifest.json"
-ARRAY_NAMES = ("train_images", "train_labels", "val_images", "val_labels", "test_images",
-               "test_labels", "train_index", "val_index", "test_index")
 IMAGE_SHAPE = (32, 32, 3)
 
 # Bounds that no genuine CIFAR-10 source comes near; they stop a hostile archive from
@@ -81,7 +68,7 @@ DECODE_CHUNK = 2048
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-_HOW_TO_PROVIDE = (
+HOW_TO_PROVIDE = (
     "Provide CIFAR-10 in one of these ways: `MATEKD_CIFAR10=/path/to/archive matekd fetch` "
     "(cifar-10-python.tar.gz, an image-folder .tar.gz or a folder); `matekd fetch --download` "
     "(needs internet); or copy the archive into data/ yourself and run `dvc add data`.")
@@ -91,11 +78,11 @@ _HOW_TO_PROVIDE = (
 # Locating the raw source
 
 
-def _is_archive_name(name: str) -> bool:
+def is_archive_name(name: str) -> bool:
     return name.lower().endswith(ARCHIVE_SUFFIXES) and not name.startswith(".")
 
 
-def _skip_md5() -> bool:
+def skip_md5() -> bool:
     return os.environ.get(SKIP_MD5_ENV, "").strip() not in ("", "0", "false", "no")
 
 
@@ -127,7 +114,7 @@ def find_source(data_dir: str | os.PathLike = "data") -> tuple[str, Path]:
     batches = data_dir / CANONICAL_DIR
     if batches.is_dir():
         return KIND_CANONICAL, batches
-    archives = sorted(p for p in data_dir.iterdir() if p.is_file() and _is_archive_name(p.name)) \
+    archives = sorted(p for p in data_dir.iterdir() if p.is_file() and is_archive_name(p.name)) \
         if data_dir.is_dir() else []
     if len(archives) > 1:
         raise DataError(f"{data_dir} holds several archives ({', '.join(p.name for p in archives)}); "
@@ -138,7 +125,7 @@ def find_source(data_dir: str | os.PathLike = "data") -> tuple[str, Path]:
         return KIND_FOLDER, data_dir
     looked = [f"{canonical}", f"{batches}/", f"{data_dir}/*.tar.gz, *.tgz, *.tar (train/<class>/*, "
               "test/<class>/* inside)", f"{data_dir}/train/ + {data_dir}/test/ (class folders)"]
-    raise DataError(f"no CIFAR-10 source found; looked for: {'; '.join(looked)}. {_HOW_TO_PROVIDE}")
+    raise DataError(f"no CIFAR-10 source found; looked for: {'; '.join(looked)}. {HOW_TO_PROVIDE}")
 
 
 # --------------------------------------------------------------------------------------
@@ -289,7 +276,7 @@ def _md5(data: bytes | memoryview) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
-def _file_md5(path: Path) -> str:
+def file_md5(path: Path) -> str:
     digest = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as handle:
         while block := handle.read(1 << 20):
@@ -297,7 +284,7 @@ def _file_md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _md5_error(what: str, expected: str, actual: str) -> DataError:
+def md5_error(what: str, expected: str, actual: str) -> DataError:
     return DataError(f"md5 mismatch for {what}: expected {expected}, got {actual}; the file is corrupt "
                      "or not the official CIFAR-10 release (fetch it again, or set "
                      f"{SKIP_MD5_ENV}=1 to accept it anyway)")
@@ -305,7 +292,7 @@ def _md5_error(what: str, expected: str, actual: str) -> DataError:
 
 def _read_canonical(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(train_x, train_y, test_x, test_y) from the python release (archive or folder)."""
-    check = not _skip_md5()
+    check = not skip_md5()
     if path.is_dir():
         files: dict[str, bytes | memoryview] = {}
         for name in (*TRAIN_BATCHES, TEST_BATCH, META_BATCH):
@@ -320,9 +307,9 @@ def _read_canonical(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
         label = str(path)
     else:
         if check and path.name == CANONICAL_ARCHIVE:
-            actual = _file_md5(path)
+            actual = file_md5(path)
             if actual != CANONICAL_MD5:
-                raise _md5_error(str(path), CANONICAL_MD5, actual)
+                raise md5_error(str(path), CANONICAL_MD5, actual)
             check = False  # the archive checksum covers every member
         tar = _TarBuffer(path)
         files = {}
@@ -339,7 +326,7 @@ def _read_canonical(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
         for name, expected in BATCH_MD5.items():
             actual = _md5(files[name])
             if actual != expected:
-                raise _md5_error(f"{label}/{name}", expected, actual)
+                raise md5_error(f"{label}/{name}", expected, actual)
     if META_BATCH in files:
         _check_meta(_load_batch(files[META_BATCH], f"{label}/{META_BATCH}"), f"{label}/{META_BATCH}")
     train = [_batch_arrays(_load_batch(files[n], f"{label}/{n}"), f"{label}/{n}") for n in TRAIN_BATCHES]
@@ -435,7 +422,7 @@ def _decode_jpeg_chunk(decode: Callable[[list], list] | None, chunk: list[_Entry
         return
     try:
         images = decode(chunk)
-    except RuntimeError:
+    except RuntimeError as batch_error:
         # A batch fails as a whole; decode singly to name the bad member.
         for entry in chunk:
             try:
@@ -443,7 +430,7 @@ def _decode_jpeg_chunk(decode: Callable[[list], list] | None, chunk: list[_Entry
             except RuntimeError as exc:
                 raise DataError(f"{where}: member {entry.name} cannot be decoded "
                                 f"({str(exc).splitlines()[-1].split(', ')[-1]})") from exc
-        raise DataError(f"{where}: JPEG decoding failed for members {chunk[0].name}..{chunk[-1].name}")
+        raise DataError(f"{where}: JPEG decoding failed for members {chunk[0].name}..{chunk[-1].name}") from batch_error
     for entry, image in zip(chunk, images):
         if tuple(image.shape) != (3, 32, 32):
             channels, height, width = image.shape
@@ -542,384 +529,3 @@ def read_source(kind: str, path: str | os.PathLike) -> RawData:
     raise DataError(f"unknown source kind {kind!r}")
 
 
-# --------------------------------------------------------------------------------------
-# Stratified, seeded subsets
-
-
-def stratified_split(labels: np.ndarray, rng: np.random.Generator, sizes: tuple[int | None, ...],
-                     keys: tuple[str, ...], num_classes: int = len(CLASS_NAMES)) -> list[np.ndarray]:
-    """Per class, permute that class's indices and cut consecutive blocks of `sizes` (None = rest).
-
-    Returns one sorted int64 index array per size. Classes are visited in label order and every
-    class consumes one permutation, so a block's content depends only on the seed, the labels and
-    the sizes of the blocks before it (later blocks never change earlier ones).
-    """
-    counts = np.bincount(labels, minlength=num_classes)
-    smallest = int(counts.argmin())
-    start = 0
-    for size, key in zip(sizes, keys):
-        available = int(counts[smallest]) - start
-        if size is not None and size > available:
-            after = " after the earlier split(s)" if start else ""
-            raise ParamsError(f"{key} = {size} is more than the {available} images per class available"
-                              f"{after} (the maximum; class {CLASS_NAMES[smallest]!r} has {counts[smallest]})")
-        start += available if size is None else size
-    picks: list[list[np.ndarray]] = [[] for _ in sizes]
-    for cls in range(num_classes):
-        members = np.flatnonzero(labels == cls)
-        order = members[rng.permutation(members.size)]
-        start = 0
-        for block, size in enumerate(sizes):
-            take = order.size - start if size is None else size
-            picks[block].append(order[start:start + take])
-            start += take
-    return [np.sort(np.concatenate(p)).astype(np.int64) for p in picks]
-
-
-# --------------------------------------------------------------------------------------
-# Stage: prepare
-
-
-def _versions() -> dict[str, str]:
-    versions = {"numpy": np.__version__}
-    for module in ("torch", "torchvision", "PIL"):
-        try:
-            versions["pillow" if module == "PIL" else module] = __import__(module).__version__
-        except ImportError:
-            versions["pillow" if module == "PIL" else module] = "absent"
-    return versions
-
-
-def _counts(labels: np.ndarray) -> dict[str, int]:
-    counts = np.bincount(labels, minlength=len(CLASS_NAMES))
-    return {name: int(n) for name, n in zip(CLASS_NAMES, counts)}
-
-
-def run_prepare(params: Any, data_dir: str | os.PathLike = "data",
-                out_dir: str | os.PathLike = "prepared") -> dict:
-    """Stage prepare: read data/, draw seeded stratified train/val/test, write prepared/.
-
-    The validation split is carved from the 50k training images (never from test). Returns the
-    manifest. On any error nothing new is left behind.
-    """
-    data = params.data
-    kind, path = find_source(data_dir)
-    log.info("reading %s (%s)", path, kind)
-    raw = read_source(kind, path)
-    rng = np.random.default_rng(params.seed)
-    val_index, train_index = stratified_split(
-        raw.train_labels, rng, (data.val_per_class, data.train_per_class),
-        ("data.val_per_class", "data.train_per_class"))
-    if train_index.size == 0:
-        raise ParamsError(f"data.val_per_class = {data.val_per_class} leaves no training images")
-    (test_index,) = stratified_split(raw.test_labels, rng, (data.test_per_class,), ("data.test_per_class",))
-    arrays = {
-        "train_images": raw.train_images[train_index], "train_labels": raw.train_labels[train_index],
-        "val_images": raw.train_images[val_index], "val_labels": raw.train_labels[val_index],
-        "test_images": raw.test_images[test_index], "test_labels": raw.test_labels[test_index],
-        "train_index": train_index, "val_index": val_index, "test_index": test_index,
-    }
-    if kind == KIND_CANONICAL:
-        label = "CIFAR-10"
-    else:
-        label = "CIFAR-10 (JPEG mirror)" if raw.lossy else "CIFAR-10 (image-folder copy)"
-    manifest = {
-        "format": 1,
-        "dataset": label,
-        "source": {"kind": kind, "file": path.name if path != Path(data_dir) else ".",
-                   "sha256": sha256_file(path), "lossy_jpeg": raw.lossy,
-                   "train_images": int(raw.train_labels.size), "test_images": int(raw.test_labels.size)},
-        "class_names": list(CLASS_NAMES),
-        "seed": params.seed,
-        "params": data.model_dump(mode="json"),
-        "sizes": {"train": int(train_index.size), "val": int(val_index.size), "test": int(test_index.size)},
-        "counts": {split: _counts(arrays[f"{split}_labels"]) for split in ("train", "val", "test")},
-        "arrays": {name: {"sha256": sha256_array(a), "shape": list(a.shape), "dtype": str(a.dtype)}
-                   for name, a in arrays.items()},
-        "versions": _versions(),
-    }
-    import torch
-
-    out = Path(out_dir)
-    with atomic_dir(out) as tmp:
-        save_tensors(tmp / PREPARED_FILE, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()},
-                     metadata={"format": "matekd-prepared-1"})
-        write_json(tmp / MANIFEST_FILE, manifest)
-    log.info("prepared %s: %d train, %d val, %d test", out, train_index.size, val_index.size, test_index.size)
-    return manifest
-
-
-# --------------------------------------------------------------------------------------
-# Loading prepared data
-
-
-@dataclass
-class Prepared:
-    """The prepared splits: uint8 NHWC images, int64 labels and source indices."""
-
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    val_images: np.ndarray
-    val_labels: np.ndarray
-    test_images: np.ndarray
-    test_labels: np.ndarray
-    train_index: np.ndarray
-    val_index: np.ndarray
-    test_index: np.ndarray
-    manifest: dict = field(repr=False)
-    manifest_hash: str = ""
-    class_names: tuple[str, ...] = CLASS_NAMES
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-
-def load_prepared(dir: str | os.PathLike = "prepared") -> Prepared:  # noqa: A002 (contract name)
-    """Load prepared/ and verify every array against the manifest's hashes."""
-    folder = Path(dir)
-    tensors_path, manifest_path = folder / PREPARED_FILE, folder / MANIFEST_FILE
-    for needed in (tensors_path, manifest_path):
-        if not needed.is_file():
-            raise DataError(f"prepared data not found ({needed} is missing); run `dvc repro prepare` "
-                            "(or `matekd prepare`)")
-    raw_manifest = manifest_path.read_bytes()
-    try:
-        manifest = json.loads(raw_manifest)
-        expected = {name: manifest["arrays"][name]["sha256"] for name in ARRAY_NAMES}
-        class_names = tuple(manifest["class_names"])
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise DataError(f"prepared data is corrupt ({manifest_path} is unreadable: {exc!r}); "
-                        "run `dvc repro prepare` again") from exc
-    try:
-        tensors, _ = load_tensors(tensors_path)
-    except MatekdError as exc:
-        raise DataError(f"prepared data is corrupt ({exc}); run `dvc repro prepare` again") from exc
-    arrays: dict[str, np.ndarray] = {}
-    for name in ARRAY_NAMES:
-        if name not in tensors:
-            raise DataError(f"prepared data is corrupt ({name} is missing from {tensors_path}); "
-                            "run `dvc repro prepare` again")
-        arrays[name] = tensors[name].numpy()
-        if sha256_array(arrays[name]) != expected[name]:
-            raise DataError(f"prepared data is corrupt ({name} hash mismatch with {manifest_path}); "
-                            "run `dvc repro prepare` again")
-    return Prepared(**arrays, manifest=manifest, manifest_hash=hashlib.sha256(raw_manifest).hexdigest(),
-                    class_names=class_names)
-
-
-# --------------------------------------------------------------------------------------
-# Stage helper: fetch
-
-
-@dataclass
-class FetchResult:
-    """What `fetch` did: the source now in data/, how it got there, and the DVC outcome."""
-
-    kind: str
-    path: Path
-    action: str  # linked | copied | downloaded | unchanged | present
-    removed: list[str] = field(default_factory=list)
-    dvc: str = ""
-
-
-def _raw_sources(data_dir: Path) -> list[Path]:
-    """Every entry of data/ that find_source could pick up."""
-    if not data_dir.is_dir():
-        return []
-    found = []
-    for entry in sorted(data_dir.iterdir()):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_file() and _is_archive_name(entry.name):
-            found.append(entry)
-        elif entry.is_dir() and entry.name in (CANONICAL_DIR, "train", "test"):
-            found.append(entry)
-    return found
-
-
-def _same_content(a: Path, b: Path) -> bool:
-    if not (a.exists() and b.exists()) or a.is_dir() != b.is_dir():
-        return False
-    with contextlib.suppress(OSError):
-        if os.path.samefile(a, b):
-            return True
-    if a.is_file() and a.stat().st_size != b.stat().st_size:
-        return False
-    return sha256_file(a) == sha256_file(b)
-
-
-def _place(item: Path, dest: Path) -> str:
-    """Hardlink (else copy) a file or copy a folder to `dest`, which must not exist."""
-    if item.is_dir():
-        shutil.copytree(item, dest, symlinks=False)
-        return "copied"
-    try:
-        os.link(item, dest)
-        return "linked"
-    except OSError:
-        shutil.copy2(item, dest)
-        return "copied"
-
-
-def _plan_source(source: Path) -> list[tuple[Path, str]]:
-    """(item to place, name in data/) pairs for a user-given source file or folder."""
-    if not source.exists():
-        raise DataError(f"CIFAR-10 source {source} does not exist. {_HOW_TO_PROVIDE}")
-    if source.is_file():
-        if not _is_archive_name(source.name):
-            raise DataError(f"{source} is not a .tar.gz, .tgz or .tar archive")
-        return [(source, source.name)]
-    if (source / "data_batch_1").is_file():
-        return [(source, CANONICAL_DIR)]
-    if (source / CANONICAL_DIR).is_dir():
-        return [(source / CANONICAL_DIR, CANONICAL_DIR)]
-    if (source / "train").is_dir() and (source / "test").is_dir():
-        return [(source / "train", "train"), (source / "test", "test")]
-    raise DataError(f"{source} is a folder but holds neither the CIFAR-10 python batches (data_batch_1, ...) "
-                    "nor train/ and test/ class folders")
-
-
-def _install(plan: list[tuple[Path, str]], data_dir: Path) -> tuple[str, list[str]]:
-    """Stage the new source beside data/'s content, then swap it in for every other raw source."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    targets = {data_dir / name for _, name in plan}
-    if all(_same_content(item, data_dir / name) for item, name in plan):
-        action = "unchanged"
-        staged: list[tuple[Path, Path]] = []
-        stage = None
-    else:
-        stage = Path(tempfile.mkdtemp(prefix=".fetch.", dir=data_dir))
-        staged = []
-        action = "copied"
-        try:
-            for item, name in plan:
-                action = _place(item, stage / name)
-                staged.append((stage / name, data_dir / name))
-        except OSError as exc:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise DataError(f"cannot copy {item} into {data_dir}: {exc.strerror or exc}") from exc
-    keep = set() if staged else targets
-    old = [p for p in _raw_sources(data_dir) if p not in keep]
-    trash = Path(tempfile.mkdtemp(prefix=".fetch-old.", dir=data_dir)) if old else None
-    moved: list[tuple[Path, Path]] = []
-    try:
-        for entry in old:
-            os.replace(entry, trash / entry.name)  # type: ignore[operator]
-            moved.append((trash / entry.name, entry))  # type: ignore[operator]
-        for src, dst in staged:
-            os.replace(src, dst)
-    except OSError as exc:
-        for src, dst in moved:
-            with contextlib.suppress(OSError):
-                os.replace(src, dst)
-        if trash is not None:
-            with contextlib.suppress(OSError):
-                trash.rmdir()  # only if everything went back; never delete the user's data here
-        raise DataError(f"cannot update {data_dir}: {exc.strerror or exc}") from exc
-    finally:
-        if stage is not None:
-            shutil.rmtree(stage, ignore_errors=True)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
-    return action, sorted(p.name for p in old if p not in targets)
-
-
-@contextlib.contextmanager
-def _download(data_dir: Path) -> Iterator[Path | None]:
-    """Download the canonical archive (md5-verified) into a temporary folder in data/.
-
-    Yields its path, or None when data/ already holds a verified copy.
-    """
-    target = data_dir / CANONICAL_ARCHIVE
-    if target.is_file() and _file_md5(target) == CANONICAL_MD5:
-        yield None
-        return
-    try:
-        from torchvision.datasets.utils import check_integrity, download_url
-    except ImportError as exc:
-        raise DataError("`--download` needs torchvision; install it or give a local archive") from exc
-    data_dir.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".download.", dir=data_dir))
-    try:
-        try:
-            download_url(CANONICAL_URL, str(stage), filename=CANONICAL_ARCHIVE, md5=CANONICAL_MD5)
-        except Exception as exc:  # URLError, HTTPError, OSError, RuntimeError (bad checksum)
-            raise DataError(f"downloading {CANONICAL_URL} failed ({exc}). Without internet, give a local copy: "
-                            "`MATEKD_CIFAR10=/path/to/cifar-10-python.tar.gz matekd fetch`") from exc
-        if not check_integrity(str(stage / CANONICAL_ARCHIVE), CANONICAL_MD5):
-            raise DataError(f"the download of {CANONICAL_URL} does not have md5 {CANONICAL_MD5}; try again")
-        yield stage / CANONICAL_ARCHIVE
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-
-
-def _dvc_root(start: Path) -> Path | None:
-    for folder in (start, *start.parents):
-        if (folder / ".dvc").is_dir():
-            return folder
-    return None
-
-
-def _dvc_executable() -> str | None:
-    beside = Path(sys.executable).parent / "dvc"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    return shutil.which("dvc")
-
-
-def dvc_add(data_dir: Path) -> str:
-    """Run `dvc add <data_dir>` so data.dvc matches data/; returns what happened."""
-    data_dir = data_dir.resolve()
-    root = _dvc_root(data_dir.parent)
-    if root is None:
-        message = f"skipped `dvc add`: {data_dir.parent} is not inside a DVC repository (run `dvc init`)"
-        log.warning(message)
-        return message
-    dvc = _dvc_executable()
-    if dvc is None:
-        message = "skipped `dvc add`: dvc is not installed"
-        log.warning(message)
-        return message
-    rel = os.path.relpath(data_dir, root)
-    proc = subprocess.run([dvc, "add", rel], cwd=root, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise DataError(f"`dvc add {rel}` failed (exit {proc.returncode}): {' '.join(tail)}")
-    return f"dvc add {rel}: ok"
-
-
-def fetch(source: str | os.PathLike | None = None, download: bool = False,
-          data_dir: str | os.PathLike = "data") -> FetchResult:
-    """Put exactly one CIFAR-10 source into data/ and record it with `dvc add data`.
-
-    `source` (else $MATEKD_CIFAR10) is an archive or folder to link/copy in; `download` fetches
-    the official archive. With neither, an existing source in data/ is kept (DataError if none).
-    """
-    data_dir = Path(data_dir)
-    if source is not None and download:
-        raise DataError("give either a source path or --download, not both")
-    if source is None and not download and os.environ.get(SOURCE_ENV):
-        source = os.environ[SOURCE_ENV]
-    removed: list[str] = []
-    if download:
-        with _download(data_dir) as fresh:
-            item = fresh if fresh is not None else data_dir / CANONICAL_ARCHIVE
-            action, removed = _install([(item, CANONICAL_ARCHIVE)], data_dir)
-            if fresh is not None:
-                action = "downloaded"
-    elif source is not None:
-        plan = _plan_source(Path(source).expanduser())
-        action, removed = _install(plan, data_dir)
-    else:
-        find_source(data_dir)  # raises the "where to put data" message when data/ is empty
-        action = "present"
-    kind, path = find_source(data_dir)
-    # Read enough to fail now, not at `dvc repro`, when the source is obviously wrong.
-    if kind == KIND_CANONICAL and path.name == CANONICAL_ARCHIVE and not _skip_md5():
-        actual = _file_md5(path)
-        if actual != CANONICAL_MD5:
-            raise _md5_error(str(path), CANONICAL_MD5, actual)
-    result = FetchResult(kind=kind, path=path, action=action, removed=removed)
-    result.dvc = dvc_add(data_dir)
-    return result

@@ -1,9 +1,6 @@
-"""Stage evaluate: clean accuracy, CIFAR-10-C robustness and Grad-CAM agreement of every model.
+"""Evaluation maths and helpers: accuracy, confusion, CIFAR-10-C summaries, Grad-CAM agreement.
 
-Models: every teacher of params.teachers and every student found under
-models/student/*.safetensors. Outputs (the whole metrics/eval folder is replaced at once):
-`metrics/eval/<model>.json` per model (teacher `<name>`, student `student-<output-name>`),
-`metrics/eval/gradcam-<student>.json` and `.png` per student.
+Used by the evaluate stage (matekd.stages.evaluate) and the report.
 
 CIFAR-10-C convention (docs/cifar10c.md): the headline number is the mean over the 15
 standard corruptions x 5 severities; the 4 extra corruptions and the 19-mean are reported
@@ -15,9 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,16 +25,13 @@ from .augment import to_device_tensor
 from .corruptions import CORRUPTIONS as ALL_CORRUPTIONS
 from .corruptions import EXTRA_4 as EXTRA_CORRUPTIONS
 from .corruptions import STANDARD_15 as STANDARD_CORRUPTIONS
-from .corrupt import load_corrupted
-from .data import load_prepared
 from .distill import similarity, teacher_weights, weight_statistics
 from .errors import MatekdError
-from .models import build_model, count_parameters, model_size_mb
-from .params import Params
-from .runtime import device_name, stage
-from .storage import atomic_dir, load_tensors, write_json
-from .teachers import load_teacher
-from .train import device_labels, model_input, predict_logits, prepare_model
+from .models import build_model
+from .models.fused import FusedCifarResNet
+from .models.resnet import CifarResNet
+from .storage import load_tensors
+from .train import autocast, device_labels, model_input, predict_logits, prepare_model
 
 SEVERITIES = 5
 # sha256 of shared/data/cifar10-jpeg.tar.gz (the JPEG q75 mirror, shared/data/README.md)
@@ -48,7 +42,8 @@ __all__ = [
     "STANDARD_CORRUPTIONS", "EXTRA_CORRUPTIONS", "ALL_CORRUPTIONS", "confusion_matrix",
     "per_class_accuracy", "evaluate_predictions", "evaluate_clean", "severity_accuracy",
     "corruption_table", "summarise_corruption", "stratified_order", "gradcam_agreement",
-    "dataset_label", "corruption_label", "corruption_digest", "run_evaluate",
+    "dataset_label", "corruption_label", "corruption_digest", "load_student", "gradcam_figure", "png_bytes",
+    "to_json_safe",
 ]
 
 
@@ -178,6 +173,43 @@ def evaluate_clean(model: nn.Module, images: torch.Tensor, labels: torch.Tensor 
     return evaluate_predictions(pred.cpu(), labels, num_classes)
 
 
+class _FusedPredictor:
+    """Several CIFAR ResNets of one depth evaluated as one network (models/fused.py): on a GPU one
+    pass serves all of them instead of one launch-bound pass each; outputs are each model's own."""
+
+    def __init__(self, models: Sequence[nn.Module], device: torch.device):
+        self.fused = prepare_model(FusedCifarResNet.from_students(list(models)), device).eval()
+        self.count = len(models)
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+        out = []
+        for start in range(0, images.shape[0], batch_size):
+            x = model_input(images[start:start + batch_size].to(device, non_blocking=True), device)
+            with autocast(device):
+                out.append(self.fused(x.unsqueeze(0).expand(self.count, *x.shape)).float())
+        return torch.cat(out, dim=1)
+
+
+def prediction_groups(models: Mapping[str, nn.Module], device: torch.device
+                      ) -> list[tuple[list[str], Callable[[torch.Tensor, int, torch.device], torch.Tensor]]]:
+    """Who is evaluated with whom: on CUDA, CIFAR ResNets of one depth share one fused network;
+    on the CPU (where grouped convolutions gain nothing) every model runs alone. Each predictor
+    maps (uint8 images, batch size, device) to logits [models, N, C]."""
+    groups: dict[Any, list[str]] = {}
+    for name, model in models.items():
+        key = ("resnet", model.depth) if device.type == "cuda" and isinstance(model, CifarResNet) else name
+        groups.setdefault(key, []).append(name)
+    out = []
+    for names in groups.values():
+        if len(names) > 1:
+            out.append((names, _FusedPredictor([models[n] for n in names], device)))
+        else:
+            model = models[names[0]]
+            out.append((names, lambda x, bs, dev, m=model: predict_logits(m, x, bs, dev)[None]))
+    return out
+
+
 def corruption_table(models: Mapping[str, nn.Module], corrupted: Mapping[str, np.ndarray],
                      labels: np.ndarray, batch_size: int, device: torch.device,
                      progress: bool = False) -> dict[str, dict[str, list[float]]]:
@@ -187,6 +219,7 @@ def corruption_table(models: Mapping[str, nn.Module], corrupted: Mapping[str, np
 
     y = device_labels(labels, device)
     out: dict[str, dict[str, list[float]]] = {name: {} for name in models}
+    groups = prediction_groups(models, device)
     for corruption in tqdm(list(corrupted), desc="CIFAR-10-C", disable=not progress, leave=False):
         images = corrupted[corruption]
         if images.shape[0] != y.shape[0]:
@@ -195,9 +228,10 @@ def corruption_table(models: Mapping[str, nn.Module], corrupted: Mapping[str, np
         if isinstance(images, np.ndarray) and not images.flags.writeable:
             images = np.array(images)   # memory-mapped read-only .npy: torch wants a writable array
         x = to_device_tensor(images, device)
-        for name, model in models.items():
-            correct = predict_logits(model, x, batch_size, device).argmax(1) == y
-            out[name][corruption] = severity_accuracy(correct.cpu()).tolist()
+        for names, predict in groups:
+            correct = (predict(x, batch_size, device).argmax(-1) == y).cpu()
+            for name, row in zip(names, correct):
+                out[name][corruption] = severity_accuracy(row).tolist()
         del x
     return out
 
@@ -264,16 +298,16 @@ def _as_numpy(x: np.ndarray | torch.Tensor | Sequence) -> np.ndarray:
     return np.asarray(x)
 
 
-def _clean(value: Any) -> Any:
+def to_json_safe(value: Any) -> Any:
     """JSON-safe: arrays to lists, NaN/inf to None (strict JSON has no NaN)."""
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): to_json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [to_json_safe(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _clean(value.tolist())
+        return to_json_safe(value.tolist())
     if isinstance(value, torch.Tensor):
-        return _clean(value.detach().cpu().tolist())
+        return to_json_safe(value.detach().cpu().tolist())
     if isinstance(value, (np.integer,)):
         return int(value)
     if isinstance(value, (float, np.floating)):
@@ -305,7 +339,12 @@ def gradcam_figure(images: np.ndarray, labels: np.ndarray, student_maps: torch.T
                    teacher_maps: torch.Tensor, sim: torch.Tensor, weights: torch.Tensor,
                    teacher_names: Sequence[str], class_names: Sequence[str], title: str):
     """Rows = images: the image, the student's map, each teacher's map (heat overlays), with
-    similarity and weight under each teacher's map."""
+    similarity and weight under each teacher's map.
+
+    Constrained layout reserves room for the figure title above the column labels (tight_layout
+    ignores a suptitle, which then sat on the first row's labels)."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -316,8 +355,10 @@ def gradcam_figure(images: np.ndarray, labels: np.ndarray, student_maps: torch.T
     # Upsample every map to the image and scale each to [0,1] for display only.
     up = resize_maps(torch.cat([student_maps[None], teacher_maps]).float().cpu(), size)   # [1+K,R,H,W]
     up = up / up.flatten(-2).amax(-1).clamp_min(1e-8)[..., None, None]
-    fig, axes = plt.subplots(rows, 2 + k, figsize=(1.25 * (2 + k), 1.3 * rows + 0.4), dpi=80,
-                             squeeze=False)
+    width = max(1.3 * (2 + k), 4.0)
+    fig, axes = plt.subplots(rows, 2 + k, figsize=(width, 1.35 * rows + 0.7), dpi=80, squeeze=False,
+                             layout="constrained")
+    fig.get_layout_engine().set(w_pad=0.02, h_pad=0.02, wspace=0.02, hspace=0.02)
     headers = ["image", "student", *teacher_names]
     for r in range(rows):
         for c in range(2 + k):
@@ -334,12 +375,12 @@ def gradcam_figure(images: np.ndarray, labels: np.ndarray, student_maps: torch.T
             elif c > 1:
                 j = c - 2
                 ax.set_xlabel(f"s {float(sim[j, r]):.2f} w {float(weights[j, r]):.2f}", fontsize=6, labelpad=1)
-    fig.suptitle(title, fontsize=7)
-    fig.tight_layout(pad=0.3)
+    # ~15 characters of 8-pt text per inch: wrap so a long title never runs off the figure.
+    fig.suptitle(textwrap.fill(title, max(int(15 * width), 30)), fontsize=8)
     return fig
 
 
-def _png_bytes(fig) -> bytes:
+def png_bytes(fig) -> bytes:
     """Render and close a figure (many students must not keep many figures open)."""
     import io
 
@@ -351,136 +392,3 @@ def _png_bytes(fig) -> bytes:
     return buffer.getvalue()
 
 
-# --------------------------------------------------------------------------------------
-# Stage
-
-
-def run_evaluate(params: Params, prepared_dir: str | Path = "prepared", corrupted_dir: str | Path = "cifar10c",
-                 root: str | Path = ".", progress: bool = False) -> dict[str, dict]:
-    """Evaluate every teacher and student; write metrics/eval/ and log it to MLflow.
-
-    Returns {model name: its metrics dict} (as written to metrics/eval/<model>.json).
-    """
-    root = Path(root)
-    cfg = params.evaluate
-    data = load_prepared(prepared_dir)
-    corrupted, c_labels, c_manifest = load_corrupted(corrupted_dir)
-    student_files = sorted((root / "models" / "student").glob("*.safetensors"))
-    num_classes = len(data.class_names)
-    data_label, c_label = dataset_label(data.manifest), corruption_label(c_manifest)
-    skipped = dict(c_manifest.get("skipped") or {})
-    c_hash = corruption_digest(c_manifest)
-    # corrupt records which prepared data it was built from; a mismatch means a stale cifar10c/.
-    c_source = c_manifest.get("prepared_manifest_sha256")
-    c_matches = None if c_source is None else c_source == data.manifest_hash
-    if c_matches is False:
-        warnings.warn(f"{corrupted_dir} was built from other prepared data ({c_source[:12]}, now "
-                      f"{data.manifest_hash[:12]}); rerun `dvc repro corrupt` for matching CIFAR-10-C")
-    c_images = int(c_labels.shape[0]) // SEVERITIES
-    results: dict[str, dict] = {}
-    with stage(params, name="evaluate", run_name="evaluate", data_hash=data.manifest_hash,
-               tags={"dataset": data_label, "cifar10c": c_label}) as ctx:
-        device = ctx.device
-        teachers = {name: load_teacher(name, device, root) for name in params.teachers}
-        students: dict[str, nn.Module] = {}
-        student_meta: dict[str, dict] = {}
-        for path in student_files:
-            name = f"student-{path.stem}"
-            students[name], student_meta[name] = load_student(path, params.distill.student, device)
-        models = {**teachers, **students}
-        test_x = to_device_tensor(data.test_images, device)
-        table = corruption_table(models, corrupted, c_labels, cfg.batch_size, device, progress)
-        common = {"dataset": data_label, "corruption_dataset": c_label, "profile": params.profile,
-                  "test_images": int(data.test_labels.shape[0]), "class_names": list(data.class_names),
-                  "dataset_sha256": data.manifest_hash, "cifar10c_manifest_sha256": c_hash,
-                  "cifar10c_kind": c_manifest.get("kind"), "cifar10c_seed": c_manifest.get("seed"),
-                  "cifar10c_images_per_severity": c_images, "cifar10c_skipped": skipped,
-                  "cifar10c_matches_prepared": c_matches,
-                  "device": device_name(device), "params_sha256": params.digest()}
-        for name, model in models.items():
-            clean = evaluate_clean(model, test_x, data.test_labels, cfg.batch_size, device, num_classes)
-            summary = summarise_corruption(table[name])
-            entry: dict[str, Any] = {
-                "model": name, "kind": "teacher" if name in teachers else "student",
-                "architecture": student_meta.get(name, {}).get("architecture", name),
-                "params": count_parameters(model), "size_mb": model_size_mb(model),
-                "test_acc": clean["accuracy"],
-                "per_class_accuracy": dict(zip(data.class_names, clean["per_class_accuracy"].tolist())),
-                "confusion_matrix": clean["confusion_matrix"].tolist(),
-                "cifar10c": {"accuracy": table[name], **summary}, **common}
-            if name in students:
-                meta = student_meta[name]
-                entry.update({"output": name.removeprefix("student-"), "method": meta.get("method"),
-                              "seed": int(meta["seed"]) if str(meta.get("seed", "")).isdigit() else None})
-            results[name] = _clean(entry)
-        gradcam = _gradcam_analysis(params, data, teachers, students, device)
-        with atomic_dir(root / EVAL_DIR) as tmp:
-            for name, entry in results.items():
-                write_json(tmp / f"{name}.json", entry)
-            for name, (summary, png) in gradcam.items():
-                write_json(tmp / f"gradcam-{name}.json", summary)
-                (tmp / f"gradcam-{name}.png").write_bytes(png)
-        _log(ctx.run, root / EVAL_DIR, results, {n: s for n, (s, _) in gradcam.items()})
-    return results
-
-
-def _gradcam_analysis(params: Params, data, teachers: dict[str, nn.Module], students: dict[str, nn.Module],
-                      device: torch.device) -> dict[str, tuple[dict, bytes]]:
-    """Per student: agreement of its Grad-CAM maps with each teacher's on the first
-    evaluate.gradcam_images test images (classes interleaved), targets = true labels."""
-    if not students or not teachers:
-        return {}
-    cfg, dcfg = params.evaluate, params.distill
-    order = stratified_order(data.test_labels)[:cfg.gradcam_images]
-    images = to_device_tensor(data.test_images[order], device)
-    targets = device_labels(data.test_labels[order], device)
-    names = list(teachers)
-    teacher_maps = [cams_in_batches(m, images, targets, cfg.batch_size, device) for m in teachers.values()]
-    rows = min(cfg.grid_images, order.size)
-    out: dict[str, tuple[dict, bytes]] = {}
-    for student_name, student in students.items():
-        student_maps = cams_in_batches(student, images, targets, cfg.batch_size, device)
-        agree = gradcam_agreement(student_maps, teacher_maps, dcfg.similarity_temperature, kind=dcfg.similarity,
-                                  clip=dcfg.clip_similarity, rescale=dcfg.rescale_weights, bins=dcfg.histogram_bins)
-        stats = {key: agree[key].cpu() for key in ("similarity_mean", "similarity_std", "weight_mean",
-                                                    "weight_std", "dominant_fraction")}
-        summary = {
-            "student": student_name, "teachers": names, "images": int(order.size),
-            "image_order": "stratified (classes interleaved) over the prepared test set",
-            "target": "label", "similarity": dcfg.similarity, "clip_similarity": dcfg.clip_similarity,
-            "rescale_weights": dcfg.rescale_weights, "tau": dcfg.similarity_temperature,
-            "student_grid": list(student_maps.shape[-2:]),
-            **{key: dict(zip(names, value.tolist())) for key, value in stats.items()},
-            "weight_entropy": float(agree["entropy"]),
-            "per_image": {"test_position": order.tolist(), "label": data.test_labels[order].tolist(),
-                          "similarity": {n: agree["similarity"][j].cpu().tolist() for j, n in enumerate(names)},
-                          "weight": {n: agree["weights"][j].cpu().tolist() for j, n in enumerate(names)}},
-        }
-        fig = gradcam_figure(data.test_images[order[:rows]], data.test_labels[order[:rows]],
-                             student_maps[:rows], agree["teacher_maps"][:, :rows], agree["similarity"][:, :rows],
-                             agree["weights"][:, :rows], names, data.class_names,
-                             f"{student_name}: Grad-CAM vs teachers (s = {dcfg.similarity}, "
-                             f"w = softmax(s/{dcfg.similarity_temperature:g}))")
-        out[student_name] = (_clean(summary), _png_bytes(fig))
-    return out
-
-
-def _log(run, folder: Path, results: dict[str, dict], gradcam: dict[str, dict]) -> None:
-    metrics: dict[str, float] = {}
-    for name, entry in results.items():
-        c = entry["cifar10c"]
-        values = {"test_acc": entry["test_acc"], "cifar10c_mean15": c["standard_mean"],
-                  "cifar10c_mean19": c["all_mean"], "cifar10c_extra_mean": c["extra_mean"]}
-        for s, acc in enumerate(c["per_severity_standard"] or [], start=1):
-            values[f"cifar10c_severity{s}"] = acc
-        for corruption, acc in c["per_corruption"].items():
-            values[f"cifar10c/{corruption}"] = acc
-        metrics.update({f"{name}/{k}": v for k, v in values.items() if v is not None})
-    for student, summary in gradcam.items():
-        for key in ("similarity_mean", "weight_mean", "dominant_fraction"):
-            for teacher, value in summary[key].items():
-                if value is not None:
-                    metrics[f"gradcam/{student}/{key}/{teacher}"] = value
-    run.log_metrics(metrics)
-    for path in sorted(folder.iterdir()):
-        run.log_artifact(path, "eval")

@@ -1,30 +1,35 @@
-"""Stage corrupt: CIFAR-10-C in the official layout, read from the release or regenerated.
+"""CIFAR-10-C in the official layout: read from the release or regenerated, and loaded back.
 
 Output folder (default `cifar10c/`), the layout of the official `CIFAR-10-C/`:
 `<corruption>.npy` uint8 (5n, 32, 32, 3) with rows [(s-1)*n, s*n) at severity s,
 `labels.npy` uint8 (5n,), plus `manifest.json` (provenance). The folder is built beside the
 target and renamed into place only when complete, so a failure leaves the previous folder
 (or nothing) behind.
+
+Regeneration can run in worker processes (`corrupt.workers`): one task per (corruption,
+severity), each writing its rows of the corruption's .npy in place. `corrupt` is a function of
+(images, name, severity, seed) alone, so the files are byte for byte those of the serial run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing as mp
 import os
 import sys
+import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from .corruptions import (CORRUPTIONS, EXTRA_4, SEVERITIES, STANDARD_15, FrostUnavailable, corrupt,
-                          frost_texture_files)
+from .corruptions import CORRUPTIONS, SEVERITIES, FrostUnavailable, corrupt, frost_texture_files
 from .errors import DataError, MatekdError, ParamsError
-from .data import load_prepared, stratified_split
-from .params import Params
-from .runtime import stage
-from .storage import atomic_dir, read_json, sha256_array, sha256_file, write_json
+
+# matekd.storage (hashes, JSON) is imported inside the functions that use it: it loads torch, which
+# the corruption worker processes (they import this module) never need.
 
 CANONICAL_SOURCE = "cifar10-python"  # prepared data in the canonical CIFAR-10 test order
 IMAGE_SHAPE = (32, 32, 3)
@@ -57,7 +62,7 @@ def prepared_source_kind(manifest: dict) -> str:
     return str(kind or "unknown")
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     import PIL
     import scipy
 
@@ -137,64 +142,7 @@ def _load_npy(path: Path) -> np.ndarray:
         raise DataError(f"{path} is not a readable .npy array ({exc})") from exc
 
 
-def run_corrupt(params: Params, prepared_dir: str | Path = "prepared", out_dir: str | Path = "cifar10c",
-                prepared: Any = None, progress: bool = True) -> dict:
-    """Write CIFAR-10-C (official rows or a seeded regeneration) for the prepared test set.
-
-    `prepared` may be passed in (an object with test_images, test_labels, test_index,
-    manifest, manifest_hash); otherwise `matekd.data.load_prepared(prepared_dir)` is used.
-    Returns the manifest written to `<out_dir>/manifest.json`.
-    """
-    cp = params.corrupt
-    names = resolve_corruptions(cp.corruptions)
-    if prepared is None:
-        prepared = load_prepared(prepared_dir)
-    source_kind = prepared_source_kind(prepared.manifest)
-    # The prepared test set is already a stratified sample; corrupt a seeded, stratified part of it.
-    labels_all = np.asarray(prepared.test_labels)
-    subset = np.arange(len(labels_all)) if cp.images_per_class is None else stratified_split(
-        labels_all, np.random.default_rng([cp.seed, 0xC10C]), (cp.images_per_class,),
-        ("corrupt.images_per_class",))[0]
-    images = np.ascontiguousarray(np.asarray(prepared.test_images)[subset])
-    labels = np.asarray(prepared.test_labels)[subset]
-    test_index = np.asarray(prepared.test_index, dtype=np.int64)[subset]
-    if images.dtype != np.uint8 or images.shape[1:] != IMAGE_SHAPE:
-        raise DataError(f"prepared test images must be uint8 (N, 32, 32, 3), got {images.dtype} {images.shape}")
-    n = len(images)
-    if n == 0:
-        raise DataError("the prepared test set is empty")
-
-    manifest: dict[str, Any] = {
-        "layout": "official CIFAR-10-C: <corruption>.npy uint8 (5n,32,32,3), rows [(s-1)n, sn) = severity s; "
-                  "labels.npy uint8 (5n,)",
-        "images": n, "severities": list(SEVERITIES), "seed": cp.seed,
-        "images_per_class": cp.images_per_class, "test_index": test_index.tolist(),
-        "prepared_manifest_sha256": prepared.manifest_hash, "prepared_source_kind": source_kind,
-        "versions": _versions(), "skipped": {}, "seconds": {}, "cpu_seconds": {},
-    }
-    with stage(params, name="corrupt", run_name="corrupt", data_hash=prepared.manifest_hash) as ctx, \
-            atomic_dir(out_dir) as build:
-        if cp.source:
-            written = _write_official(cp.source, names, test_index, labels, source_kind, build, manifest)
-        else:
-            written = _write_regenerated(images, names, cp.seed, resolve_frost_dir(cp.frost_dir), build,
-                                         manifest, progress)
-        np.save(build / "labels.npy", np.tile(labels.astype(np.uint8), 5), allow_pickle=False)
-        manifest["corruptions"] = written
-        manifest["standard_15_complete"] = all(c in written for c in STANDARD_15)
-        manifest["extra_4_complete"] = all(c in written for c in EXTRA_4)
-        manifest["array_sha256"] = {name: sha256_file(build / f"{name}.npy") for name in written}
-        manifest["labels_sha256"] = sha256_array(np.tile(labels.astype(np.uint8), 5))
-        write_json(build / "manifest.json", manifest)
-        ctx.run.set_tags({"cifar10c": manifest["label"], "frost": "skipped" if manifest["skipped"] else "used"})
-        ctx.run.log_metrics({f"seconds/{k}": v for k, v in manifest["seconds"].items()})
-        ctx.run.log_metrics({"images": n, "corruptions": len(written),
-                             "seconds_total": sum(manifest["seconds"].values())})
-        ctx.run.log_artifact(build / "manifest.json", "cifar10c")
-    return manifest
-
-
-def _write_official(source: str, names: list[str], test_index: np.ndarray, labels: np.ndarray,
+def write_official(source: str, names: list[str], test_index: np.ndarray, labels: np.ndarray,
                     source_kind: str, build: Path, manifest: dict) -> list[str]:
     if source_kind != CANONICAL_SOURCE:
         raise MatekdError(f"corrupt.source is set but the prepared data comes from {source_kind!r}: the official "
@@ -210,11 +158,16 @@ def _write_official(source: str, names: list[str], test_index: np.ndarray, label
     return names
 
 
-def _write_regenerated(images: np.ndarray, names: list[str], seed: int, frost_dir: str, build: Path,
-                       manifest: dict, progress: bool) -> list[str]:
+def write_regenerated(images: np.ndarray, names: list[str], seed: int, frost_dir: str, build: Path,
+                       manifest: dict, progress: bool, workers: int = 1) -> list[str]:
+    """Regenerate `names` for `images` into `build` (one <name>.npy each); frost is skipped,
+    with a warning and a manifest entry, when its textures are missing. `workers` > 1 spreads
+    the (corruption, severity) tasks over that many processes (same bytes as serial)."""
+    from .storage import sha256_file
+
     n = len(images)
-    written = []
     manifest.update(kind="regenerated", label=f"CIFAR-10-C (regenerated, seed {seed})", frost=None)
+    todo = []
     for name in names:
         if name == "frost":
             try:
@@ -226,6 +179,11 @@ def _write_regenerated(images: np.ndarray, names: list[str], seed: int, frost_di
                 continue
             manifest["frost"] = {"dir": str(Path(frost_dir).resolve()),
                                  "sha256": {f.name: sha256_file(f) for f in files}}
+        todo.append(name)
+    if workers > 1 and todo:
+        _regenerate_parallel(images, todo, seed, frost_dir, build, manifest, progress, workers)
+        return todo
+    for name in todo:
         start, cpu_start = time.perf_counter(), time.process_time()
         out = np.empty((5 * n, *IMAGE_SHAPE), dtype=np.uint8)
         for s in SEVERITIES:
@@ -234,14 +192,97 @@ def _write_regenerated(images: np.ndarray, names: list[str], seed: int, frost_di
         seconds = time.perf_counter() - start
         manifest["seconds"][name] = round(seconds, 3)
         manifest["cpu_seconds"][name] = round(time.process_time() - cpu_start, 3)
-        written.append(name)
         if progress:
             print(f"corrupt: {name:<18} {seconds:7.1f} s", file=sys.stderr)
-    return written
+    return todo
+
+
+# --------------------------------------------------------------------------------------
+# Parallel regeneration: tasks (corruption, severity) in worker processes
+
+_WORKER: dict = {}   # per worker process: the images (memory-mapped) and the task settings
+
+# BLAS/OpenMP thread pools per worker: one thread each, or N workers x N threads oversubscribe.
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def _single_threaded_children() -> Iterator[None]:
+    """Set the thread-count variables while worker processes are spawned (they inherit the
+    environment then); restore the parent's afterwards."""
+    saved = {k: os.environ.get(k) for k in _THREAD_VARIABLES}
+    os.environ.update({k: "1" for k in _THREAD_VARIABLES})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _init_worker(images_path: str, seed: int, frost_dir: str, build: str) -> None:
+    _WORKER.update(images=np.load(images_path, mmap_mode="r"), seed=seed, frost_dir=frost_dir or None,
+                   build=Path(build))
+
+
+def _corrupt_task(task: tuple[str, int]) -> tuple[str, int, float, float]:
+    """Corrupt all images with (name, severity) and write them into rows [(s-1)n, sn) of the
+    corruption's .npy (created by the parent). Returns (name, severity, wall s, CPU s)."""
+    name, severity = task
+    start, cpu_start = time.perf_counter(), time.process_time()
+    images = np.ascontiguousarray(_WORKER["images"])
+    n = len(images)
+    rows = corrupt(images, name, severity, _WORKER["seed"], frost_dir=_WORKER["frost_dir"])
+    out = np.load(_WORKER["build"] / f"{name}.npy", mmap_mode="r+")
+    out[(severity - 1) * n:severity * n] = rows
+    out.flush()
+    del out
+    return name, severity, time.perf_counter() - start, time.process_time() - cpu_start
+
+
+def _regenerate_parallel(images: np.ndarray, names: list[str], seed: int, frost_dir: str, build: Path,
+                         manifest: dict, progress: bool, workers: int) -> None:
+    """Every (corruption, severity) as one task over `workers` spawned processes. Each .npy is
+    created here with its final header and shape (what np.save writes), then filled in place.
+    manifest seconds/cpu_seconds per corruption are the sums over its severities (worker time);
+    manifest["wall_seconds"] is the elapsed time of the whole regeneration."""
+    n = len(images)
+    for name in names:
+        np.lib.format.open_memmap(build / f"{name}.npy", mode="w+", dtype=np.uint8,
+                                  shape=(5 * n, *IMAGE_SHAPE)).flush()
+    tasks = [(name, s) for name in names for s in SEVERITIES]
+    seconds = {name: 0.0 for name in names}
+    cpu_seconds = {name: 0.0 for name in names}
+    remaining = {name: len(SEVERITIES) for name in names}
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="matekd-corrupt-") as scratch:
+        images_path = os.path.join(scratch, "images.npy")
+        np.save(images_path, np.ascontiguousarray(images), allow_pickle=False)
+        # spawn, not fork: the parent has torch (and its thread pools) loaded.
+        context = mp.get_context("spawn")
+        with _single_threaded_children():
+            pool = context.Pool(min(workers, len(tasks)), initializer=_init_worker,
+                                initargs=(images_path, seed, frost_dir, str(build)))
+        with pool:
+            for name, _, wall, cpu in pool.imap_unordered(_corrupt_task, tasks):
+                seconds[name] += wall
+                cpu_seconds[name] += cpu
+                remaining[name] -= 1
+                if progress and remaining[name] == 0:
+                    print(f"corrupt: {name:<18} {seconds[name]:7.1f} s (worker time)", file=sys.stderr)
+    for name in names:
+        manifest["seconds"][name] = round(seconds[name], 3)
+        manifest["cpu_seconds"][name] = round(cpu_seconds[name], 3)
+    manifest["workers"] = workers
+    manifest["wall_seconds"] = round(time.perf_counter() - start, 3)
 
 
 def load_corrupted(dir: str | Path = "cifar10c") -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
     """({name: uint8 (5n, 32, 32, 3) memory-mapped}, labels (5n,), manifest) of a corrupt output."""
+    from .storage import read_json
+
     folder = Path(dir)
     if not (folder / "manifest.json").exists():
         raise DataError(f"{folder}/manifest.json not found; run the corrupt stage first")

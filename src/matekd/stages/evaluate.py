@@ -1,0 +1,215 @@
+"""Stage evaluate: clean accuracy, CIFAR-10-C robustness and Grad-CAM agreement of every model.
+
+Models: every teacher of params.teachers and every student found under
+models/student/*.safetensors. Outputs (the whole metrics/eval folder is replaced at once):
+`metrics/eval/<model>.json` per model (teacher `<name>`, student `student-<output-name>`),
+`metrics/eval/gradcam-<student>.json` and `.png` per student.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..augment import to_device_tensor
+from ..cifar10c import load_corrupted
+from ..data.prepared import load_prepared
+from ..distill import final_tau
+from ..evaluation import (
+    SEVERITIES,
+    cams_in_batches,
+    corruption_digest,
+    corruption_label,
+    corruption_table,
+    dataset_label,
+    evaluate_clean,
+    gradcam_agreement,
+    gradcam_figure,
+    load_student,
+    png_bytes,
+    stratified_order,
+    summarise_corruption,
+    to_json_safe,
+)
+from ..models import count_parameters, model_size_mb
+from ..params import Params, flatten
+from ..paths import EVAL_DIR, SUMMARY_METRICS
+from ..storage import atomic_dir, write_json
+from ..teachers import load_teacher
+from ..train import device_labels, device_name
+from .context import stage
+
+SUMMARY_KEYS = {"test_acc": ("test_acc",), "cifar10c_mean15": ("cifar10c", "standard_mean"),
+                "cifar10c_mean19": ("cifar10c", "all_mean")}
+
+
+def run_evaluate(params: Params, prepared_dir: str | Path = "prepared", corrupted_dir: str | Path = "cifar10c",
+                 root: str | Path = ".", progress: bool = False) -> dict[str, dict]:
+    """Evaluate every teacher and student; write metrics/eval/ and log it to MLflow.
+
+    Returns {model name: its metrics dict} (as written to metrics/eval/<model>.json).
+    """
+    root = Path(root)
+    cfg = params.evaluate
+    data = load_prepared(prepared_dir)
+    corrupted, c_labels, c_manifest = load_corrupted(corrupted_dir)
+    student_files = sorted((root / "models" / "student").glob("*.safetensors"))
+    tau = final_tau(params.distill)
+    num_classes = len(data.class_names)
+    data_label, c_label = dataset_label(data.manifest), corruption_label(c_manifest)
+    skipped = dict(c_manifest.get("skipped") or {})
+    c_hash = corruption_digest(c_manifest)
+    # corrupt records which prepared data it was built from; a mismatch means a stale cifar10c/.
+    c_source = c_manifest.get("prepared_manifest_sha256")
+    c_matches = None if c_source is None else c_source == data.manifest_hash
+    if c_matches is False:
+        warnings.warn(f"{corrupted_dir} was built from other prepared data ({c_source[:12]}, now "
+                      f"{data.manifest_hash[:12]}); rerun `dvc repro corrupt` for matching CIFAR-10-C",
+                      stacklevel=2)
+    c_images = int(c_labels.shape[0]) // SEVERITIES
+    results: dict[str, dict] = {}
+    with stage(params, name="evaluate", run_name="evaluate", data_hash=data.manifest_hash,
+               tags={"dataset": data_label, "cifar10c": c_label}, log_params=logged_params(params)) as ctx:
+        device = ctx.device
+        teachers = {name: load_teacher(name, device, root) for name in params.teachers}
+        students: dict[str, nn.Module] = {}
+        student_meta: dict[str, dict] = {}
+        for path in student_files:
+            name = f"student-{path.stem}"
+            students[name], student_meta[name] = load_student(path, params.distill.student, device)
+        models = {**teachers, **students}
+        test_x = to_device_tensor(data.test_images, device)
+        table = corruption_table(models, corrupted, c_labels, cfg.batch_size, device, progress)
+        common = {"dataset": data_label, "corruption_dataset": c_label, "profile": params.profile,
+                  "test_images": int(data.test_labels.shape[0]), "class_names": list(data.class_names),
+                  "dataset_sha256": data.manifest_hash, "cifar10c_manifest_sha256": c_hash,
+                  "cifar10c_kind": c_manifest.get("kind"), "cifar10c_seed": c_manifest.get("seed"),
+                  "cifar10c_images_per_severity": c_images, "cifar10c_skipped": skipped,
+                  "cifar10c_matches_prepared": c_matches,
+                  "device": device_name(device), "params_sha256": params.digest()}
+        for name, model in models.items():
+            clean = evaluate_clean(model, test_x, data.test_labels, cfg.batch_size, device, num_classes)
+            summary = summarise_corruption(table[name])
+            entry: dict[str, Any] = {
+                "model": name, "kind": "teacher" if name in teachers else "student",
+                "architecture": student_meta.get(name, {}).get("architecture", name),
+                "params": count_parameters(model), "size_mb": model_size_mb(model),
+                "test_acc": clean["accuracy"],
+                "per_class_accuracy": dict(zip(data.class_names, clean["per_class_accuracy"].tolist())),
+                "confusion_matrix": clean["confusion_matrix"].tolist(),
+                "cifar10c": {"accuracy": table[name], **summary}, **common}
+            if name in students:
+                meta = student_meta[name]
+                entry.update({"output": name.removeprefix("student-"), "method": meta.get("method"),
+                              "seed": int(meta["seed"]) if str(meta.get("seed", "")).isdigit() else None})
+            results[name] = to_json_safe(entry)
+        gradcam = _gradcam_analysis(params, data, teachers, students, device, tau)
+        with atomic_dir(root / EVAL_DIR) as tmp:
+            for name, entry in results.items():
+                write_json(tmp / f"{name}.json", entry)
+            for name, (summary, png) in gradcam.items():
+                write_json(tmp / f"gradcam-{name}.json", summary)
+                (tmp / f"gradcam-{name}.png").write_bytes(png)
+        write_summary(root / SUMMARY_METRICS, results)
+        _log(ctx.run, root / EVAL_DIR, results, {n: s for n, (s, _) in gradcam.items()})
+    return results
+
+
+def summary_metrics(results: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """{model: {test_acc, cifar10c_mean15, cifar10c_mean19}}: numbers only, so that `dvc metrics
+    show` and `dvc exp show` read as one comparison table. A mean that could not be computed
+    (e.g. a corruption skipped) is left out rather than written as null."""
+    out: dict[str, dict[str, float]] = {}
+    for model, entry in results.items():
+        row = {}
+        for key, (*parents, leaf) in SUMMARY_KEYS.items():
+            node = entry
+            for parent in parents:
+                node = node.get(parent) or {}
+            value = node.get(leaf)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                row[key] = float(value)
+        out[model] = row
+    return out
+
+
+def write_summary(path: Path, results: dict[str, dict]) -> dict[str, dict[str, float]]:
+    summary = summary_metrics(results)
+    write_json(path, summary)
+    return summary
+
+
+def logged_params(params: Params) -> dict:
+    d = params.distill
+    return {**flatten({"evaluate": params.evaluate.model_dump(mode="json")}), "distill.student": d.student,
+            "distill.similarity": d.similarity, "distill.clip_similarity": d.clip_similarity,
+            "distill.rescale_weights": d.rescale_weights, "distill.histogram_bins": d.histogram_bins,
+            "similarity_tau": final_tau(d)}
+
+
+def _gradcam_analysis(params: Params, data, teachers: dict[str, nn.Module], students: dict[str, nn.Module],
+                      device: torch.device, tau: float) -> dict[str, tuple[dict, bytes]]:
+    """Per student: agreement of its Grad-CAM maps with each teacher's on the first
+    evaluate.gradcam_images test images (classes interleaved), targets = true labels, weighted
+    with the temperature the students ended training with (the tau schedule's last value)."""
+    if not students or not teachers:
+        return {}
+    cfg, dcfg = params.evaluate, params.distill
+    order = stratified_order(data.test_labels)[:cfg.gradcam_images]
+    images = to_device_tensor(data.test_images[order], device)
+    targets = device_labels(data.test_labels[order], device)
+    names = list(teachers)
+    teacher_maps = [cams_in_batches(m, images, targets, cfg.batch_size, device) for m in teachers.values()]
+    rows = min(cfg.grid_images, order.size)
+    out: dict[str, tuple[dict, bytes]] = {}
+    for student_name, student in students.items():
+        student_maps = cams_in_batches(student, images, targets, cfg.batch_size, device)
+        agree = gradcam_agreement(student_maps, teacher_maps, tau, kind=dcfg.similarity,
+                                  clip=dcfg.clip_similarity, rescale=dcfg.rescale_weights, bins=dcfg.histogram_bins)
+        stats = {key: agree[key].cpu() for key in ("similarity_mean", "similarity_std", "weight_mean",
+                                                    "weight_std", "dominant_fraction")}
+        summary = {
+            "student": student_name, "teachers": names, "images": int(order.size),
+            "image_order": "stratified (classes interleaved) over the prepared test set",
+            "target": "label", "similarity": dcfg.similarity, "clip_similarity": dcfg.clip_similarity,
+            "rescale_weights": dcfg.rescale_weights, "tau": tau,
+            "student_grid": list(student_maps.shape[-2:]),
+            **{key: dict(zip(names, value.tolist())) for key, value in stats.items()},
+            "weight_entropy": float(agree["entropy"]),
+            "per_image": {"test_position": order.tolist(), "label": data.test_labels[order].tolist(),
+                          "similarity": {n: agree["similarity"][j].cpu().tolist() for j, n in enumerate(names)},
+                          "weight": {n: agree["weights"][j].cpu().tolist() for j, n in enumerate(names)}},
+        }
+        fig = gradcam_figure(data.test_images[order[:rows]], data.test_labels[order[:rows]],
+                             student_maps[:rows], agree["teacher_maps"][:, :rows], agree["similarity"][:, :rows],
+                             agree["weights"][:, :rows], names, data.class_names,
+                             f"{student_name}: Grad-CAM vs teachers (s = {dcfg.similarity}, "
+                             f"w = softmax(s/{tau:g}))")
+        out[student_name] = (to_json_safe(summary), png_bytes(fig))
+    return out
+
+
+def _log(run, folder: Path, results: dict[str, dict], gradcam: dict[str, dict]) -> None:
+    metrics: dict[str, float] = {}
+    for name, entry in results.items():
+        c = entry["cifar10c"]
+        values = {"test_acc": entry["test_acc"], "cifar10c_mean15": c["standard_mean"],
+                  "cifar10c_mean19": c["all_mean"], "cifar10c_extra_mean": c["extra_mean"]}
+        for s, acc in enumerate(c["per_severity_standard"] or [], start=1):
+            values[f"cifar10c_severity{s}"] = acc
+        for corruption, acc in c["per_corruption"].items():
+            values[f"cifar10c/{corruption}"] = acc
+        metrics.update({f"{name}/{k}": v for k, v in values.items() if v is not None})
+    for student, summary in gradcam.items():
+        for key in ("similarity_mean", "weight_mean", "dominant_fraction"):
+            for teacher, value in summary[key].items():
+                if value is not None:
+                    metrics[f"gradcam/{student}/{key}/{teacher}"] = value
+    run.log_metrics(metrics)
+    for path in sorted(folder.iterdir()):
+        run.log_artifact(path, "eval")

@@ -1,0 +1,45 @@
+"""Stage report: reports/ (results.md, results.csv, figures/, plots/) from the metric files,
+logged to the tracked run named `report`."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from ..errors import MatekdError
+from ..params import Params, flatten
+from ..paths import REPORT_DIR
+from ..report import build_report, load_inputs
+from ..storage import atomic_dir
+from ..tracking import start_run
+
+
+def run_report(params: Params, root: str | Path = ".") -> dict[str, Any]:
+    """Write reports/ (rebuilt in a temporary sibling and swapped in) and log it to MLflow."""
+    root = Path(root)
+    inputs = load_inputs(root)
+    if inputs.empty():
+        raise MatekdError("nothing to report: no metrics/teachers, metrics/student, metrics/eval or "
+                          "metrics/summary.json; run `dvc repro` (at least train_teacher, distill and evaluate) first")
+    out_dir = root / REPORT_DIR
+    with atomic_dir(out_dir) as tmp:
+        summary = build_report(inputs, params, tmp)
+    data_hash = next((e.get("dataset_sha256") for e in inputs.evals.values() if e.get("dataset_sha256")), None)
+    # Not stages.context.stage: the report needs no device (params may name cuda on a CPU-only machine).
+    tracking = params.tracking
+    with start_run(enabled=tracking.enabled, mode=tracking.mode, offline_dir=tracking.offline_dir,
+                   experiment=tracking.experiment, run_name="report", stage="report",
+                   params={"profile": params.profile, **flatten({"ablation": params.ablation.model_dump(mode="json")})},
+                   tags={"profile": params.profile, "params_sha256": params.digest(),
+                         "dataset_sha256": data_hash or "none"}) as run:
+        run.log_dict(params.model_dump(mode="json"), "config/params.json")
+        run.log_text("\n".join(summary["shortcuts"]) + "\n", "report/shortcuts.txt")
+        run.log_artifact(out_dir / "results.md", "report")
+        run.log_artifact(out_dir / "results.csv", "report")
+        for path in sorted((out_dir / "figures").glob("*.png")):
+            run.log_artifact(path, "report/figures")
+        for path in sorted((out_dir / "plots").glob("*.csv")):
+            run.log_artifact(path, "report/plots")
+        run.log_metrics({k: v for k, v in summary["headline"].items() if not math.isnan(v)})
+    return summary

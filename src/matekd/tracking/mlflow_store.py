@@ -1,0 +1,360 @@
+"""The online tracker: runs in an MLflow store through `MlflowClient` (mlflow imported lazily).
+
+Also: the store's get-or-create of experiments, closing runs that a killed process left
+RUNNING, relocating a copied or moved default store, and deleting runs (sync roll-back)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import sqlite3
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from . import _base
+from ._base import OFF_SWITCH, NullRun, TrackingError, call_with_retries, dataset_record, retry
+from .context import HOST_TAG, PID_TAG, owned_by_dead_process, process_identity
+from .roots import artifact_root, default_store_dir, is_default_store, sqlite_path, uri_to_path
+
+log = logging.getLogger("matekd.tracking")
+STALE_TAG = "matekd.closed_as_stale"
+
+
+class MlflowRun(NullRun):
+    """A started MLflow run. Logging calls retry transient failures, then warn and go on,
+    so a tracking hiccup never stops training (DVC outputs are still written)."""
+
+    active = True
+
+    def __init__(self, client: Any, run_id: str):
+        self.client = client
+        self.run_id = run_id
+
+    def _call(self, what: str, fn, *args, **kwargs) -> bool:
+        return retry(what, fn, *args, **kwargs)
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = _base.now_ms()
+        items = [Metric(key, float(value), now, step or 0) for key, value in metrics.items()]
+        for start in range(0, len(items), _base.MAX_METRICS_PER_BATCH):
+            self._call("log_metrics", self.client.log_batch, self.run_id,
+                       metrics=items[start:start + _base.MAX_METRICS_PER_BATCH])
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(key, str(value)[:_base.MAX_PARAM_VALUE_LENGTH]) for key, value in params.items()]
+        for start in range(0, len(items), _base.MAX_PARAMS_TAGS_PER_BATCH):
+            self._call("log_params", self.client.log_batch, self.run_id,
+                       params=items[start:start + _base.MAX_PARAMS_TAGS_PER_BATCH])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(key, str(value)) for key, value in tags.items()]
+        for start in range(0, len(items), _base.MAX_PARAMS_TAGS_PER_BATCH):
+            self._call("set_tags", self.client.log_batch, self.run_id,
+                       tags=items[start:start + _base.MAX_PARAMS_TAGS_PER_BATCH])
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        if Path(path).is_file():
+            self._call(f"log_artifact {path}", self.client.log_artifact, self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, local_dir: str | os.PathLike, artifact_path: str | None = None) -> None:
+        if Path(local_dir).is_dir():
+            self._call(f"log_artifacts {local_dir}", self.client.log_artifacts, self.run_id, str(local_dir),
+                       artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._call(f"log_text {artifact_file}", self.client.log_text, self.run_id, text, artifact_file)
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        self._call(f"log_dict {artifact_file}", self.client.log_dict, self.run_id, obj, artifact_file)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        self._call(f"log_figure {artifact_file}", self.client.log_figure, self.run_id, figure, artifact_file)
+
+    def log_image(self, image: Any, key: str, step: int) -> None:
+        self._call(f"log_image {key}", self.client.log_image, self.run_id, image, key=key, step=step,
+                   timestamp=_base.now_ms(), synchronous=True)
+
+    def log_input(self, name: str, digest: str, source: str, context: str = "training", *,
+                  source_type: str = "local", schema: str | None = None, profile: str | None = None,
+                  tags: dict[str, Any] | None = None) -> None:
+        record = dataset_record(name, digest, source, context, source_type=source_type, schema=schema,
+                                profile=profile, tags=tags)
+        self._call(f"log_input {name}", self.client.log_inputs, self.run_id, datasets=[dataset_input(record)])
+
+    def log_model(self, model: Any, *, name: str, input_example: Any, registered_name: str | None = None,
+                  builder: Any = None) -> None:
+        from .models import ModelRequest, export_copy, log_to_store
+
+        try:
+            request = ModelRequest.check(name, registered_name, builder, input_example)
+            log_to_store(self.client, self.run_id, export_copy(model, request.builder), request, call_with_retries)
+        except Exception as exc:  # an export, a builder, the store: warn and go on
+            first = (str(exc).strip().splitlines() or [""])[0]
+            warnings.warn(f"MLflow: log_model {name} failed ({type(exc).__name__}: {first}); training goes on",
+                          stacklevel=2)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._call("set_terminated", self.client.set_terminated, self.run_id, status, end_time=_base.now_ms())
+
+
+def dataset_input(record: dict[str, Any]):
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    dataset = Dataset(record["name"], record["digest"], record["source_type"], record["source"],
+                      record.get("schema"), record.get("profile"))
+    return DatasetInput(dataset, tags=[InputTag(k, v) for k, v in record.get("tags", {}).items()])
+
+
+def client_for(uri: str):
+    """An MlflowClient for `uri`. mlflow's global tracking URI is left alone on purpose:
+    `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI, which would pin every later
+    `tracking_uri()` of the process (and its subprocesses) to this store."""
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError as exc:
+        raise TrackingError(f"mlflow is not installed; install it, run with MATEKD_TRACKING=offline "
+                            f"(and `matekd sync-runs` later), or with {OFF_SWITCH}") from exc
+    return MlflowClient(tracking_uri=uri)
+
+
+# MLflow's HTTP defaults (7 retries, 120 s timeout, doubling back-off) would keep a stage waiting
+# for minutes on a dead server; unless the user set them, the first contact fails within ~20 s
+# (3 tries of at most 5 s plus 3 s of back-off) and later logging calls within ~35 s.
+_PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+              "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+_RUN_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+@contextlib.contextmanager
+def _env_defaults(values: dict[str, str]) -> Iterator[None]:
+    """Set the environment variables the user left unset, for the duration of the block."""
+    added = [key for key in values if key not in os.environ]
+    os.environ.update({key: values[key] for key in added})
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+class _Deleted(Exception):
+    pass
+
+
+def experiment_id(client: Any, name: str, uri: str) -> str:
+    """Get or create the experiment (artifacts beside a SQLite database); an unreachable store
+    fails with the URI and the off switch. MLflow's own get-or-create, `mlflow.set_experiment`,
+    cannot set the artifact location and changes the process's active experiment."""
+    experiment = None
+    try:
+        with _env_defaults(_PROBE_ENV):
+            experiment = client.get_experiment_by_name(name)
+            if experiment is not None:
+                if experiment.lifecycle_stage == "active":
+                    return experiment.experiment_id
+                raise _Deleted()
+            location = artifact_root(uri) if uri.startswith("sqlite:") else None
+            try:
+                return client.create_experiment(name, artifact_location=location)
+            except Exception:  # another process created it first
+                experiment = client.get_experiment_by_name(name)
+                if experiment is None:
+                    raise
+                return experiment.experiment_id
+    except _Deleted:
+        raise TrackingError(f"MLflow experiment {name!r} in {uri} is deleted: restore it (`mlflow experiments "
+                            f"restore --experiment-id {experiment.experiment_id}`), purge it (`mlflow gc`) or set "
+                            "another tracking.experiment") from None
+    except Exception as exc:
+        raise TrackingError(f"MLflow tracking store {uri} is unreachable ({type(exc).__name__}: {exc}); "
+                            f"start it, point MLFLOW_TRACKING_URI elsewhere, or run with {OFF_SWITCH}") from exc
+    finally:
+        for key, value in _RUN_ENV.items():
+            os.environ.setdefault(key, value)
+
+
+def create_run(*, experiment: str, run_name: str, stage: str, tags: dict[str, str],
+               parent_run_id: str | None = None, uri: str) -> MlflowRun:
+    """Open a new run; first close the runs of this stage that a dead process of this host left
+    RUNNING. `tags` are complete (context.run_tags)."""
+    if is_default_store(uri):
+        relocate_store(uri)
+    client = client_for(uri)
+    exp_id = experiment_id(client, experiment, uri)
+    close_stale_runs(client, exp_id, stage)
+    all_tags = dict(tags)
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    try:
+        created = client.create_run(exp_id, run_name=run_name, start_time=_base.now_ms(), tags=all_tags)
+    except Exception as exc:
+        raise TrackingError(f"MLflow tracking store {uri} refused a new run ({exc}); run with {OFF_SWITCH}") from exc
+    return MlflowRun(client, created.info.run_id)
+
+
+def reopen_run(run_id: str, uri: str) -> MlflowRun | None:
+    """The run `run_id` marked RUNNING again and owned by this process (None when the store has
+    no active run of that id)."""
+    client = client_for(uri)
+    try:
+        with _env_defaults(_PROBE_ENV):
+            run = client.get_run(run_id)
+    except Exception:
+        return None
+    if run.info.lifecycle_stage != "active":
+        return None
+    reopened = MlflowRun(client, run_id)
+    reopened._call("update_run", client.update_run, run_id, status="RUNNING")
+    reopened.set_tags(process_identity())
+    return reopened
+
+
+def close_stale_runs(client: Any, exp_id: str, stage: str) -> list[str]:
+    """Mark FAILED the RUNNING runs of `stage` whose process (recorded in their host and pid
+    tags) is dead on this host: a SIGKILL, OOM kill or power loss leaves a run RUNNING. Runs of
+    live processes (parallel workers), of other hosts and without our tags are left alone."""
+    closed: list[str] = []
+    try:
+        runs = client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
+    except Exception as exc:
+        log.warning("matekd: could not look for stale RUNNING runs (%s)", exc)
+        return closed
+    for run in runs:
+        tags = run.data.tags
+        if tags.get("stage") != stage or not owned_by_dead_process(tags):
+            continue
+        note = (f"process {tags.get(PID_TAG)} on {tags.get(HOST_TAG)} ended without closing the run (killed?); "
+                f"closed as FAILED by pid {os.getpid()} at the next start of stage {stage}")
+        try:
+            client.set_tag(run.info.run_id, STALE_TAG, note)
+            client.set_terminated(run.info.run_id, "FAILED", end_time=_base.now_ms())
+            closed.append(run.info.run_id)
+        except Exception as exc:
+            log.warning("matekd: could not close stale run %s (%s)", run.info.run_id, exc)
+    return closed
+
+
+# ---------------------------------------------------------------------------------------------
+# a copied or moved default store
+
+_RELOCATED = (("experiments", "artifact_location"), ("runs", "artifact_uri"), ("logged_models", "artifact_location"))
+
+
+def _old_store_dirs(locations: list[str], here: Path) -> set[Path]:
+    """Other `<X>/mlruns` folders that experiments keep their artifacts in (`<X>/mlruns/artifacts`,
+    the layout matekd creates), which are not this store's folder."""
+    found = set()
+    for location in locations:
+        path = uri_to_path(location or "")
+        if path is None or path.name != "artifacts" or path.parent.name != here.name:
+            continue
+        old = path.parent
+        if old == here:
+            continue
+        with contextlib.suppress(OSError):
+            if (old / "mlflow.db").exists() and os.path.samefile(old / "mlflow.db", here / "mlflow.db"):
+                continue  # the same store under another name (a symlink)
+        found.add(old)
+    return found
+
+
+def relocate_store(uri: str) -> int:
+    """Make a copied or moved checkout's default store log into its own `mlruns/`.
+
+    MLflow records absolute artifact locations (experiments.artifact_location, runs.artifact_uri,
+    logged_models.artifact_location). A checkout copied or moved together with its mlruns/ would
+    silently write new artifacts into the old checkout's folder and show the old ones from
+    there. MLflow has no API to change an experiment's artifact location, so this rewrites the
+    prefix `<old>/mlruns/` to `<this repo>/mlruns/` (file URI and plain path forms) in those
+    columns, in one SQLite transaction. Only the default store is touched and only locations of
+    the `<X>/mlruns/artifacts` layout that is not this store's. Returns the rows changed."""
+    database = sqlite_path(uri)
+    if database is None or not database.exists():
+        return 0
+    here = database.parent.resolve()
+    if here != default_store_dir().resolve():
+        return 0
+    try:
+        con = sqlite3.connect(str(database), timeout=60, isolation_level=None)
+    except sqlite3.Error:
+        return 0
+    changed = 0
+    try:
+        tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "experiments" not in tables:
+            return 0
+        locations = [row[0] for row in con.execute("SELECT artifact_location FROM experiments")]
+        if not _old_store_dirs(locations, here):
+            return 0
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            old_dirs = _old_store_dirs([row[0] for row in con.execute("SELECT artifact_location FROM experiments")],
+                                       here)  # again, under the write lock: another process may have done it
+            for old in sorted(old_dirs):
+                for old_prefix, new_prefix in ((old.as_uri() + "/", here.as_uri() + "/"),
+                                               (f"{old}/", f"{here}/")):
+                    for table, column in _RELOCATED:
+                        if table not in tables:
+                            continue
+                        cursor = con.execute(
+                            f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                            f"WHERE substr({column}, 1, ?) = ?",
+                            (new_prefix, len(old_prefix) + 1, len(old_prefix), old_prefix))
+                        changed += cursor.rowcount
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        if changed:
+            log.warning("matekd: this MLflow store was copied or moved from %s; %d artifact locations now "
+                        "point into %s", ", ".join(map(str, sorted(old_dirs))), changed, here)
+    except sqlite3.Error as exc:
+        raise TrackingError(f"cannot relocate the MLflow store {database} to this checkout ({exc}); "
+                            f"run with {OFF_SWITCH}") from exc
+    finally:
+        con.close()
+    return changed
+
+
+# ---------------------------------------------------------------------------------------------
+# deleting runs (sync roll-back)
+
+def delete_runs(client: Any, run_ids: list[str]) -> tuple[bool, list[str]]:
+    """Remove runs with their artifacts, logged models and registered versions: permanently
+    where the store can (SQL stores; the steps of `mlflow gc --run-ids`), else soft-deleted.
+    Returns (permanent, run ids that could not be removed)."""
+    from .models import delete_models_of_run
+
+    store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    permanent = hasattr(store, "_hard_delete_run")
+    failed = []
+    for run_id in reversed(run_ids):  # children before parents
+        try:
+            try:
+                delete_models_of_run(client, run_id, store if permanent else None)
+            except Exception as exc:  # e.g. a store without a model registry: the run still goes
+                log.warning("matekd: could not remove the models of run %s (%s); delete them in MLflow", run_id, exc)
+            artifact_uri = client.get_run(run_id).info.artifact_uri
+            client.delete_run(run_id)
+            if permanent:
+                from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+                with contextlib.suppress(Exception):
+                    get_artifact_repository(artifact_uri).delete_artifacts()
+                    folder = uri_to_path(artifact_uri)
+                    if folder is not None and folder.parent.is_dir() and not any(folder.parent.iterdir()):
+                        shutil.rmtree(folder.parent, ignore_errors=True)  # the empty <run id>/ folder
+                store._hard_delete_run(run_id)
+        except Exception:
+            failed.append(run_id)
+    return permanent, failed

@@ -1,0 +1,271 @@
+"""Import a folder of offline runs into an MLflow store (`matekd sync-runs DIR`).
+
+`sync_runs(folder, tracking_uri=None)` recreates every offline run with MLflow's client API:
+`create_run` with the original start time, run name and tags, `log_batch` for params and
+metrics (value, step and timestamp kept) in MLflow's batch sizes, `log_inputs` for datasets,
+`log_artifact` per recorded file, `log_image(key=, step=, timestamp=)` for stepped images, the
+recorded models (rebuilt from their builder and weights, then logged and registered as
+`log_model` does online) and `set_terminated` with the original status and end time. Parents are created before their
+children and `mlflow.parentRunId` points to the parent's new MLflow id.
+
+- Checked first, imported after: the whole folder is read and checked (see offline.read_run)
+  and every parent must be in the folder or already in the store, before anything is written;
+  a problem raises OfflineRunError naming the file. A model's builder must be importable here.
+  A model that torch.export cannot export is reported (warning and `models_failed`) and its run
+  imported without it, as online logging would have done.
+- Idempotent: each imported run carries `matekd.offline_run_id`; a run already present is
+  skipped. While a run is being imported it also carries `matekd.sync_importing` (host and pid
+  of the sync); a run left with it by a sync that died is removed and imported again.
+- All or nothing: if the store fails half-way, the runs this sync created are removed
+  (permanently on SQL stores, as `mlflow gc` does; soft-deleted elsewhere) and TrackingError
+  says which. Experiments it created stay (empty): a deleted experiment's name stays taken.
+- A run still RUNNING: skipped (with its descendants) while its process is alive on this host,
+  else imported as FAILED with the tag `matekd.sync_note` and its last record's time as end time.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import socket
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import roots
+from ._base import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH, MatekdError, OfflineRunError, TrackingError
+from .context import pid_alive, process_identity
+from .mlflow_store import client_for, dataset_input, delete_runs, experiment_id, relocate_store
+from .models import ModelBuilder, ModelExportError, ModelRequestError, load_offline_model, log_to_store
+from .offline import RUN_FILE, OfflineRecord, iter_parents_first, load_image, read_folder
+
+OFFLINE_ID_TAG = "matekd.offline_run_id"
+IMPORTING_TAG = "matekd.sync_importing"
+SYNC_NOTE_TAG = "matekd.sync_note"
+
+
+@dataclass
+class SyncSummary:
+    folder: Path
+    tracking_uri: str
+    imported: dict[str, str] = field(default_factory=dict)          # offline id -> new MLflow run id
+    already_present: dict[str, str] = field(default_factory=dict)   # offline id -> existing MLflow run id
+    still_running: list[str] = field(default_factory=list)          # skipped: process alive here (or a parent's)
+    running_as_failed: list[str] = field(default_factory=list)      # imported as FAILED (process gone)
+    replaced_partial: list[str] = field(default_factory=list)       # MLflow runs of an interrupted sync, removed
+    models: list[str] = field(default_factory=list)                 # "<name> of run <offline id>[ -> <registered> vN]"
+    models_failed: list[str] = field(default_factory=list)          # why a recorded model could not be exported
+
+    def __str__(self) -> str:
+        parts = [f"{len(self.imported)} runs imported", f"{len(self.already_present)} already present"]
+        if self.still_running:
+            parts.append(f"{len(self.still_running)} still running (skipped; sync again when they end)")
+        if self.running_as_failed:
+            parts.append(f"{len(self.running_as_failed)} left RUNNING by a dead process, imported as FAILED")
+        if self.replaced_partial:
+            parts.append(f"{len(self.replaced_partial)} partial imports of an interrupted sync redone")
+        if self.models:
+            parts.append(f"{len(self.models)} models logged")
+        if self.models_failed:
+            parts.append(f"{len(self.models_failed)} models could not be exported (see the warnings)")
+        return f"{self.folder} -> {self.tracking_uri}: " + ", ".join(parts)
+
+
+def _store_runs(client: Any) -> tuple[dict[str, str], list[tuple[str, str, str]]]:
+    """Runs of the store that came from offline runs: ({offline id: run id} of complete
+    imports, [(offline id, run id, importing tag)] of imports a sync did not finish)."""
+    from mlflow.entities import ViewType
+
+    experiments, token = [], None
+    while True:
+        page = client.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token)
+        experiments += [e.experiment_id for e in page]
+        token = page.token
+        if not token:
+            break
+    complete: dict[str, str] = {}
+    partial: list[tuple[str, str, str]] = []
+    for start in range(0, len(experiments), 100):
+        token = None
+        while True:
+            page = client.search_runs(experiments[start:start + 100], filter_string=f"tags.`{OFFLINE_ID_TAG}` LIKE '%'",
+                                      run_view_type=ViewType.ACTIVE_ONLY, max_results=10000, page_token=token)
+            for run in page:
+                tags = run.data.tags
+                if IMPORTING_TAG in tags:
+                    partial.append((tags[OFFLINE_ID_TAG], run.info.run_id, tags[IMPORTING_TAG]))
+                else:
+                    complete.setdefault(tags[OFFLINE_ID_TAG], run.info.run_id)
+            token = page.token
+            if not token:
+                break
+    return complete, partial
+
+
+def _run_exists(client: Any, run_id: str) -> bool:
+    try:
+        return client.get_run(run_id).info.lifecycle_stage == "active"
+    except Exception:
+        return False
+
+
+def _importer_alive(tag: str) -> bool:
+    try:
+        owner = json.loads(tag)
+    except ValueError:
+        return False
+    return (owner.get("matekd.host") == socket.gethostname() and str(owner.get("matekd.pid", "")).isdigit()
+            and pid_alive(int(owner["matekd.pid"]), owner.get("matekd.pid_start")))
+
+
+def _direct(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    return fn(*args, **kwargs)  # sync does not retry: a failure rolls the sync back
+
+
+def _import_models(client: Any, run_id: str, record: OfflineRecord, summary: SyncSummary) -> None:
+    for entry in record.models:
+        try:
+            model, request = load_offline_model(record.folder, entry)
+        except ModelRequestError as exc:
+            raise OfflineRunError(str(exc)) from exc
+        label = f"{request.name} of run {record.run_id}"
+        try:
+            result = log_to_store(client, run_id, model, request, _direct)
+        except ModelExportError as exc:
+            warnings.warn(f"sync: {label} was not logged: {exc}", stacklevel=3)
+            summary.models_failed.append(f"{label}: {exc}")
+            continue
+        if result.registered_version:
+            label += f" -> {request.registered_name} v{result.registered_version}"
+        summary.models.append(label)
+
+
+def _import_run(client: Any, uri: str, record: OfflineRecord, parent: str | None, experiments: dict[str, str],
+                note: str | None, summary: SyncSummary) -> str:
+    from mlflow.entities import Metric, Param
+
+    meta = record.meta
+    name = meta["experiment"]
+    if name not in experiments:
+        experiments[name] = experiment_id(client, name, uri)
+    tags = dict(meta["tags"])
+    tags[OFFLINE_ID_TAG] = record.run_id
+    tags[IMPORTING_TAG] = json.dumps(process_identity(), sort_keys=True)
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    status, end_time = meta["status"], meta["end_time"]
+    if note:
+        tags[SYNC_NOTE_TAG] = note
+        status, end_time = "FAILED", record.last_activity
+    run_id = client.create_run(experiments[name], start_time=meta["start_time"], tags=tags,
+                               run_name=meta["run_name"]).info.run_id
+    try:
+        params = [Param(k, v) for k, v in meta["params"].items()]
+        for start in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
+            client.log_batch(run_id, params=params[start:start + MAX_PARAMS_TAGS_PER_BATCH])
+        metrics = [Metric(m["key"], float(m["value"]), m["timestamp"], m["step"]) for m in record.metrics]
+        for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+            client.log_batch(run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH])
+        if meta["inputs"]:
+            client.log_inputs(run_id, datasets=[dataset_input(item) for item in meta["inputs"]])
+        for path in sorted(record.artifacts):
+            client.log_artifact(run_id, str(record.folder / "artifacts" / path), posixpath.dirname(path) or None)
+        for image in record.images:
+            client.log_image(run_id, load_image(record.folder / image["file"]), key=image["key"], step=image["step"],
+                             timestamp=image["timestamp"], synchronous=True)
+        _import_models(client, run_id, record, summary)
+        client.set_terminated(run_id, status, end_time=end_time)
+        client.delete_tag(run_id, IMPORTING_TAG)
+    except BaseException as exc:
+        exc.created_run_id = run_id  # type: ignore[attr-defined]  # for the roll-back
+        raise
+    return run_id
+
+
+def sync_runs(folder: str | Path, tracking_uri: str | None = None) -> SyncSummary:
+    """Import every offline run of `folder` into the MLflow store at `tracking_uri` (default:
+    the store `tracking_uri()` resolves: MLFLOW_TRACKING_URI or `<repo>/mlruns/mlflow.db`).
+    Returns what was done; raises OfflineRunError (a MatekdError) for a corrupt folder, before
+    anything is imported, and TrackingError when the store fails (after removing what this sync
+    created)."""
+    folder = Path(folder)
+    records = read_folder(folder)  # every local check before the store is contacted
+    uri = tracking_uri or roots.tracking_uri()
+    if roots.is_default_store(uri):
+        relocate_store(uri)
+    client = client_for(uri)
+    summary = SyncSummary(folder=folder, tracking_uri=uri)
+    try:
+        present, partial = _store_runs(client)
+    except Exception as exc:
+        raise TrackingError(f"MLflow tracking store {uri} is unreachable ({type(exc).__name__}: {exc}); "
+                            "start it or point MLFLOW_TRACKING_URI (or --tracking-uri) elsewhere") from exc
+
+    for record in records.values():
+        for entry in record.models:
+            try:
+                ModelBuilder.from_json(entry["builder"]).resolve()
+            except ModelRequestError as exc:
+                raise OfflineRunError(f"{record.folder / RUN_FILE}: model {entry['name']!r}: {exc}") from None
+    for record in records.values():
+        parent = record.meta.get("parent_run_id")
+        if parent and parent not in records and parent not in present and not _run_exists(client, parent):
+            raise OfflineRunError(f"{record.folder / RUN_FILE}: parent run {parent} is neither in {folder} "
+                                  f"nor in the store {uri}")
+    redo = [(offline_id, run_id, owner) for offline_id, run_id, owner in partial if offline_id in records]
+    for offline_id, _, owner in redo:
+        if _importer_alive(owner):
+            raise MatekdError(f"another sync (pid {json.loads(owner).get('matekd.pid')}) is importing offline "
+                              f"run {offline_id} into {uri} right now; wait for it to end")
+
+    deferred: set[str] = set()
+    for record in iter_parents_first(records):
+        parent = record.meta.get("parent_run_id")
+        if record.process_alive_here or parent in deferred:
+            deferred.add(record.run_id)
+    summary.still_running = sorted(deferred)
+    summary.already_present = {k: v for k, v in present.items() if k in records}
+    todo = [r for r in iter_parents_first(records) if r.run_id not in present and r.run_id not in deferred]
+    if not todo:
+        return summary
+
+    if redo:
+        permanent, failed = delete_runs(client, [run_id for _, run_id, _ in redo])
+        if failed:
+            raise TrackingError(f"could not remove the partial imports {', '.join(failed)} that an interrupted "
+                                f"sync left in {uri}; delete them in MLflow and sync again")
+        summary.replaced_partial = [run_id for _, run_id, _ in redo]
+
+    mapping = dict(present)
+    experiments: dict[str, str] = {}
+    created: list[str] = []
+    current = None
+    try:
+        for current in todo:
+            note = None
+            if current.meta["status"] in ("RUNNING", "SCHEDULED"):
+                note = (f"recorded offline as {current.meta['status']}, but its process had ended (killed?); "
+                        "imported as FAILED with its last record's time as end time")
+            parent = current.meta.get("parent_run_id")
+            run_id = _import_run(client, uri, current, mapping.get(parent, parent), experiments, note, summary)
+            created.append(run_id)
+            mapping[current.run_id] = run_id
+            summary.imported[current.run_id] = run_id
+            if note:
+                summary.running_as_failed.append(current.run_id)
+    except BaseException as exc:
+        partial_id = getattr(exc, "created_run_id", None)
+        if partial_id:
+            created.append(partial_id)
+        permanent, failed = delete_runs(client, created)
+        if not isinstance(exc, Exception):
+            raise
+        how = ("deleted permanently" if permanent else
+               "soft-deleted (this store cannot delete permanently; purge them with "
+               f"`mlflow gc --run-ids {','.join(created)}`)")
+        left = f"; could not remove {', '.join(failed)}" if failed else ""
+        raise TrackingError(f"importing {current.folder if current else folder} into {uri} failed "
+                            f"({type(exc).__name__}: {exc}); the {len(created)} runs this sync had created were "
+                            f"{how}{left}") from exc
+    return summary

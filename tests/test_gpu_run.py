@@ -1,0 +1,345 @@
+"""`matekd gpu-run` (commands/gpu_run.py, commands/pack.py), the budget profile and parallel
+CIFAR-10-C generation.
+
+The end-to-end runner test runs the budget profile on the CPU with tiny overrides and the real
+offline data (MATEKD_CIFAR10, MATEKD_FROST); it is marked slow."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import yaml
+
+from matekd import methods as method_table
+from matekd.commands import gpu_run
+from matekd.commands.pack import (
+    MIB,
+    Entry,
+    PackError,
+    build_units,
+    check_output_layout,
+    manifest_text,
+    pack_outputs,
+    plan_packs,
+)
+from matekd.errors import MatekdError
+from matekd.params import load_params
+from matekd.students import ablation_specs, plan_groups
+
+ROOT = Path(__file__).resolve().parents[1]
+BUDGET = ROOT / "profiles" / "budget.yaml"
+SCRIPT = ROOT / "scripts" / "gpu-run.sh"
+ARCHIVE = Path(os.environ.get("MATEKD_CIFAR10", "/work/shared/data/cifar10-jpeg.tar.gz"))
+FROST = Path(os.environ.get("MATEKD_FROST", "/work/shared/data/frost"))
+KIB = 1024
+
+
+# --------------------------------------------------------------------------------------
+# The budget profile
+
+
+def test_budget_profile_is_the_full_study():
+    params = load_params(BUDGET)
+    assert params.profile == "budget"
+    # 45k train / 5k validation / 10k test: everything left after 500 validation images per class
+    assert params.data.train_per_class is None and params.data.val_per_class == 500
+    assert params.data.test_per_class is None
+    assert set(params.teachers) == {"resnet110", "densenet121", "vgg19_bn"}
+    assert params.ablation.methods == list(method_table.METHODS) and len(params.ablation.methods) == 6
+    assert len(params.ablation.seeds) == 3
+    groups = plan_groups(ablation_specs(params), params.ablation.group_size)
+    assert len(groups) == 1 and len(groups[0]) == 18          # every student in one fused network
+    c = params.corrupt
+    assert (c.source, c.images_per_class, c.corruptions) == ("", None, None) and c.workers > 1
+    assert params.distill.teacher_signals == "cached" and params.cache.logit_variants == "used"
+    assert params.tracking.mode == "offline"
+    # Large batches come with the linearly scaled learning rate and a warm-up.
+    for recipe in [*params.teachers.values(), params.distill.recipe]:
+        assert recipe.batch_size > 128 and recipe.lr == pytest.approx(0.1 * recipe.batch_size / 128)
+        assert recipe.warmup_epochs > 0
+
+
+def test_smoke_overrides_keep_the_profile_but_shrink_it(tmp_path):
+    raw = yaml.safe_load(BUDGET.read_text())
+    smoke = gpu_run.write_params(tmp_path, raw, gpu_run.smoke_overrides(raw))
+    full = load_params(BUDGET)
+    assert load_params(tmp_path / "params.yaml") == smoke
+    assert smoke.data.train_per_class * 10 <= 100 and smoke.corrupt.images_per_class == 1
+    assert all(r.epochs == 1 for r in smoke.teachers.values()) and smoke.distill.recipe.epochs == 1
+    assert smoke.corrupt.workers == 2   # the parallel path, on few images
+    # the same models, batch sizes, students and group as the run
+    assert {n: r.batch_size for n, r in smoke.teachers.items()} == {n: r.batch_size for n, r in full.teachers.items()}
+    assert (smoke.ablation, smoke.cache, smoke.distill.data_seed) == (full.ablation, full.cache, full.distill.data_seed)
+
+
+# --------------------------------------------------------------------------------------
+# The packer
+
+
+def _file(path: Path, size: int, seed: int = 0) -> Path:
+    """Incompressible bytes: the packed size is the file size."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(np.random.default_rng(seed).bytes(size))
+    return path
+
+
+def _members(pack: Path) -> dict[str, tarfile.TarInfo]:
+    with tarfile.open(pack) as tar:
+        return {m.name: m for m in tar.getmembers()}
+
+
+def test_packer_fills_bins_by_priority_and_lists_what_it_left_out(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    entries = [Entry("reports/results.md", _file(src / "a", 30 * KIB, 1), 0, True, "reports"),
+               Entry("metrics/m.json", _file(src / "b", 50 * KIB, 2), 1, True, "metrics"),
+               Entry("models/student/s.safetensors", _file(src / "c", 60 * KIB, 3), 3, True, "student weights"),
+               Entry("models/teachers/small.safetensors", _file(src / "d", 40 * KIB, 4), 5, False, "teacher"),
+               Entry("models/teachers/late.safetensors", _file(src / "e", 70 * KIB, 5), 5, False, "teacher"),
+               Entry("models/teachers/huge.safetensors", _file(src / "f", 200 * KIB, 6), 5, False, "teacher")]
+    result = pack_outputs(entries, out, max_files=2, file_limit=128 * KIB, total_limit=512 * KIB)
+    assert [p.name for p in result.packs] == ["pack-1.tar.gz", "pack-2.tar.gz"]
+    assert all(p.stat().st_size <= 128 * KIB for p in result.packs)
+    # first-fit by priority: reports + metrics open pack 1 (82 KiB), the student weights do not
+    # fit beside them and open pack 2, the small teacher fills pack 1's gap, the 70 KiB one
+    # finds no room in either, the huge one is over the limit on its own.
+    assert set(_members(out / "pack-1.tar.gz")) == {"reports/results.md", "metrics/m.json",
+                                                    "models/teachers/small.safetensors"}
+    assert set(_members(out / "pack-2.tar.gz")) == {"models/student/s.safetensors"}
+    reasons = {item.arcname: item.reason for item in result.left_out}
+    assert set(reasons) == {"models/teachers/late.safetensors", "models/teachers/huge.safetensors"}
+    assert reasons["models/teachers/late.safetensors"].startswith("no room")
+    assert "more than one file may hold" in reasons["models/teachers/huge.safetensors"]
+    text = manifest_text(result, ["# test"])
+    for entry in entries:
+        assert entry.arcname in text
+    assert "pack-2.tar.gz   models/student/s.safetensors" in text
+    assert "models/teachers/huge.safetensors: " in text.split("## Left out")[1]
+
+
+def test_packer_stores_duplicates_once_and_keeps_bundles_whole(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    weights = _file(src / "w", 100 * KIB, 7)
+    copy = src / "copy"
+    copy.write_bytes(weights.read_bytes())
+    entries = [Entry("models/student/x.safetensors", weights, 3, True, "student weights"),
+               Entry("mlruns-offline/run1/artifacts/x.safetensors", copy, 4, False, "tracking", "mlruns-offline/run1"),
+               Entry("mlruns-offline/run1/run.json", _file(src / "r1", 2 * KIB, 8), 4, False, "tracking",
+                     "mlruns-offline/run1"),
+               Entry("mlruns-offline/run2/run.json", _file(src / "r2", 2 * KIB, 9), 4, False, "tracking",
+                     "mlruns-offline/run2"),
+               Entry("mlruns-offline/run2/big.npy", _file(src / "r3", 150 * KIB, 10), 4, False, "tracking",
+                     "mlruns-offline/run2")]
+    units = build_units(entries)
+    assert sorted(len(u.entries) for u in units) == [2, 3]    # weights joined with their run's bundle
+    result = pack_outputs(entries, out, max_files=3, file_limit=128 * KIB, total_limit=512 * KIB)
+    # run2 (152 KiB) cannot fit whole, so none of it is packed; the weights are stored once.
+    assert {i.arcname for i in result.left_out} == {"mlruns-offline/run2/run.json", "mlruns-offline/run2/big.npy"}
+    assert all("kept whole with mlruns-offline/run2" in i.reason for i in result.left_out)
+    assert len(result.packs) == 1 and result.packs[0].stat().st_size < 110 * KIB
+    members = _members(result.packs[0])
+    assert members["mlruns-offline/run1/artifacts/x.safetensors"].islnk()
+    target = tmp_path / "unpacked"
+    with tarfile.open(result.packs[0]) as tar:
+        tar.extractall(target, filter="data")
+    for entry in entries[:3]:
+        assert (target / entry.arcname).read_bytes() == entry.source.read_bytes()
+
+
+def test_packer_refuses_an_impossible_layout(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    too_big = [Entry("models/student/a.safetensors", _file(src / "a", 200 * KIB, 1), 3, True, "student weights")]
+    with pytest.raises(PackError, match="models/student/a.safetensors"):
+        pack_outputs(too_big, out, max_files=8, file_limit=128 * KIB, total_limit=1024 * KIB)
+    too_many = [Entry(f"metrics/{k}.json", _file(src / f"m{k}", 100 * KIB, k), 1, True, "metrics") for k in range(3)]
+    with pytest.raises(PackError, match="cannot pack the required outputs within 2 file"):
+        plan_packs(build_units(too_many), max_packs=2, file_limit=128 * KIB, total_limit=1024 * KIB)
+    assert not list(out.glob("pack-*"))
+
+
+def test_packer_never_leaves_a_pack_over_the_limit(tmp_path):
+    """An estimate that is far too low makes the packs come out too large: refused, nothing kept."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    entries = [Entry(f"plots/{k}.bin", _file(src / f"p{k}", 60 * KIB, k), 2, True, "plots") for k in range(4)]
+    with pytest.raises(PackError, match="larger than their estimates"):
+        pack_outputs(entries, out, max_files=8, file_limit=128 * KIB, total_limit=1024 * KIB, estimate=lambda p: 1)
+    assert not list(out.iterdir())
+
+
+def test_output_layout_check(tmp_path):
+    (tmp_path / "a" / "b" / "c").mkdir(parents=True)
+    (tmp_path / "ok.txt").write_text("x")
+    check_output_layout(tmp_path)
+    (tmp_path / "a" / "b" / "c" / "deep.txt").write_text("x")
+    (tmp_path / "bad name.txt").write_text("x")
+    with pytest.raises(PackError) as err:
+        check_output_layout(tmp_path)
+    assert "more than 2 folders deep" in str(err.value) and "'bad name.txt'" in str(err.value)
+    for k in range(8):
+        (tmp_path / f"f{k}").write_bytes(b"x")
+    with pytest.raises(PackError, match="files \\(at most 8\\)"):
+        check_output_layout(tmp_path)
+
+
+# --------------------------------------------------------------------------------------
+# Parallel CIFAR-10-C
+
+
+def test_parallel_corruption_is_byte_identical_to_serial(tmp_path):
+    from matekd.stages.corrupt import run_corrupt
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 2)
+    prepared = SimpleNamespace(test_images=rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8),
+                               test_labels=labels, test_index=np.arange(20), manifest={"source": {"kind": "test"}},
+                               manifest_hash="0" * 64)
+    written = {}
+    for workers in (1, 2):
+        params = load_params(BUDGET, {"corrupt.workers": workers, "corrupt.images_per_class": 1,
+                                      "corrupt.frost_dir": str(FROST) if FROST.is_dir() else "", "device": "cpu"})
+        out = tmp_path / f"w{workers}"
+        manifest = run_corrupt(params, out_dir=out, prepared=prepared, progress=False)
+        assert manifest.get("workers", 1) == workers
+        written[workers] = {p.name: p.read_bytes() for p in sorted(out.glob("*.npy"))}
+    assert len(written[1]) == (20 if FROST.is_dir() else 19)   # 19 corruptions (frost if found) + labels
+    assert written[1] == written[2]
+
+
+# --------------------------------------------------------------------------------------
+# The runner
+
+
+def _script_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def test_runner_fails_before_running_anything_without_the_archive(tmp_path):
+    env = {**os.environ, "MATEKD_CIFAR10": str(tmp_path / "missing.tar.gz")}
+    with pytest.raises(MatekdError, match="MATEKD_CIFAR10=.*missing.tar.gz: no such file"):
+        gpu_run.run_gpu(BUDGET, tmp_path / "out", work_dir=tmp_path / "work", environ=env)
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
+    env.pop("MATEKD_CIFAR10")
+    with pytest.raises(MatekdError, match="MATEKD_CIFAR10 is not set"):
+        gpu_run.run_gpu(BUDGET, tmp_path / "out", work_dir=tmp_path / "work", environ=env)
+
+
+def test_runner_stops_at_a_failing_smoke_pass(tmp_path):
+    broken = tmp_path / "cifar10-jpeg.tar.gz"
+    broken.write_text("not an archive")
+    tic = time.monotonic()
+    proc = subprocess.run([str(SCRIPT), str(BUDGET), str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"),
+                           "-S", "device=cpu"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=_script_env(MATEKD_CIFAR10=str(broken), MATEKD_FROST=str(FROST)))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "smoke pass failed, the run was not started" in proc.stderr
+    assert "truncated or corrupt" in proc.stderr            # the stage's own message, from its log
+    assert time.monotonic() - tic < 120
+    timings = json.loads((tmp_path / "out" / "timings.json").read_text())
+    assert timings["status"] == "smoke failed"
+    assert not {"teachers", "caches", "ablation"} & set(timings["phases"])
+    assert (tmp_path / "out" / "MANIFEST.txt").is_file()    # the logs still come back
+
+
+@pytest.mark.skipif(not ARCHIVE.is_file(), reason="needs the offline CIFAR-10 mirror")
+def test_runner_stops_at_the_time_limit_and_still_hands_back(tmp_path):
+    # 32 s less the 30 s kept for packing: the stages are stopped 2 s in (during fetch/prepare).
+    proc = subprocess.run([str(SCRIPT), str(BUDGET), str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"),
+                           "--no-smoke", "--time-limit", "32", "-S", "device=cpu"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          env=_script_env(MATEKD_CIFAR10=str(ARCHIVE), MATEKD_FROST=str(FROST)))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "the time limit ran out while running" in proc.stderr
+    timings = json.loads((tmp_path / "out" / "timings.json").read_text())
+    assert timings["status"] == "time limit"
+    assert any(s["status"] == "stopped: time limit" for s in timings["stages"])
+    manifest = (tmp_path / "out" / "MANIFEST.txt").read_text()
+    assert "status: time limit" in manifest and "gpu-run/runner.log" in manifest
+
+
+CPU_OVERRIDES = [
+    "device=cpu", "data.train_per_class=6", "data.val_per_class=2", "data.test_per_class=3",
+    "teachers={resnet20: {epochs: 1, batch_size: 16, lr: 0.05}, resnet56: {epochs: 1, batch_size: 16, lr: 0.05}}",
+    "distill.kd_teacher=resnet20", "distill.recipe.epochs=1", "distill.recipe.batch_size=16",
+    "distill.recipe.eval_batch_size=64", "ablation.seeds=[0]", "cache.batch_size=64", "corrupt.images_per_class=1",
+    "corrupt.workers=2", "evaluate.batch_size=64", "evaluate.gradcam_images=4", "evaluate.grid_images=2",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ARCHIVE.is_file() or not FROST.is_dir(), reason="needs the offline CIFAR-10 mirror and frost")
+def test_runner_on_cpu_packs_everything_within_the_limits(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    command = [str(SCRIPT), str(BUDGET), str(out), "--work-dir", str(work), "--no-smoke",
+               "--bench-batch-size", "8", "--bench-repeats", "1", "--bench-warmup", "1", "--bench-together", "2"]
+    for pair in CPU_OVERRIDES:
+        command += ["-S", pair]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                          env=_script_env(MATEKD_CIFAR10=str(ARCHIVE), MATEKD_FROST=str(FROST)))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    files = check_output_layout(out)                    # <= 8 files, <= 16 MiB, <= 64 MiB, <= 2 deep
+    names = sorted(p.name for p in files)
+    packs = [p for p in files if p.name.startswith("pack-")]
+    assert {"MANIFEST.txt", "timings.json", "results.txt"} <= set(names) and packs
+    assert all(p.stat().st_size <= 16 * MIB for p in files) and len(files) <= 8
+
+    # The results table comes last: both teachers and every method, mean over seeds.
+    tail = proc.stdout.rstrip().splitlines()[-10:]
+    assert any("CIFAR-10-C-15 (%)" in line for line in tail)
+    for name in ["resnet20 (teacher)", "resnet56 (teacher)", *method_table.METHODS]:
+        assert any(line.startswith(name) for line in tail), name
+
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings["status"] == "ok"
+    assert {"prepare", "corrupt", "teachers", "caches", "method-inputs", "ablation", "evaluate", "report",
+            "bench"} <= set(timings["phases"])
+    assert timings["epochs"]["student_groups"]["group1"]["students"] and timings["paper_extrapolation"]["total_seconds"]
+
+    # Every packed file is in the MANIFEST with its pack; unpacked, the outputs are the run's own.
+    manifest = (out / "MANIFEST.txt").read_text()
+    unpacked = tmp_path / "unpacked"
+    for pack in packs:
+        for name in _members(pack):
+            assert f"{pack.name}" in manifest and name in manifest
+        with tarfile.open(pack) as tar:
+            tar.extractall(unpacked, filter="data")
+    main = work / "main"
+    for rel in ["reports/results.md", "metrics/summary.json", "plots/student/ce-seed0.csv",
+                "models/student/mate_kd-seed0.safetensors", "models/teachers/resnet56.safetensors"]:
+        assert (unpacked / rel).read_bytes() == (main / rel).read_bytes(), rel
+    assert (unpacked / "gpu-run" / "logs" / "ablation" / "ablation.log").is_file()
+    assert "cifar10c/frost.npy" in manifest and "rebuilds it bit for bit" in manifest   # left out, with why
+    from matekd.tracking import read_folder
+
+    runs = read_folder(unpacked / "mlruns-offline")          # complete runs: sync-runs can import them
+    assert {r.meta["run_name"].split(" ")[0] for r in runs.values()} >= {"teacher", "ablation", "evaluate"}
+
+
+def test_paper_extrapolation_is_measured_seconds_per_epoch_times_paper_epochs(tmp_path):
+    (tmp_path / "metrics" / "teachers").mkdir(parents=True)
+    (tmp_path / "metrics" / "student").mkdir(parents=True)
+    (tmp_path / "metrics" / "teachers" / "resnet110.json").write_text(json.dumps(
+        {"seconds": 24.0, "epochs": 12, "train_images": 45000, "images_per_second": 22500}))
+    for seed in (0, 1):   # no weights file: each student counts as its own group
+        (tmp_path / "metrics" / "student" / f"ce-seed{seed}.json").write_text(
+            json.dumps({"seconds": 30.0, "epochs": 15}))
+    budget, paper = load_params(BUDGET), load_params(ROOT / "profiles" / "paper.yaml")
+    bench = {"batch_size": 512, "steps": {"mate_kd_cached": {"images_per_second": 45000.0}}}
+    out = gpu_run.paper_extrapolation(tmp_path, budget, paper, {"evaluate": {"seconds": 100.0}}, bench)
+    assert out["teachers"]["resnet110"]["seconds"] == pytest.approx(2.0 * paper.teachers["resnet110"].epochs)
+    assert "densenet121 was not trained" in " ".join(out["notes"])
+    students = out["students"]
+    n = len(paper.ablation.methods) * len(paper.ablation.seeds)
+    assert students["fused_seconds"] == pytest.approx(2.0 * paper.distill.recipe.epochs * n)
+    # the paper profile trains one student at a time: each 45,000-image epoch at the bench's rate = 1 s
+    assert students["seconds"] == students["one_at_a_time_seconds"] == pytest.approx(n * paper.distill.recipe.epochs)
+    assert out["total_seconds"] == pytest.approx(out["teachers"]["resnet110"]["seconds"] + students["seconds"] + 100.0)
