@@ -31,7 +31,7 @@ from .models import build_model
 from .models.fused import FusedCifarResNet
 from .models.resnet import CifarResNet
 from .storage import load_tensors
-from .train import autocast, device_labels, model_input, predict_logits, prepare_model
+from .train import device_labels, model_input, predict_logits, prepare_model
 
 SEVERITIES = 5
 # sha256 of shared/data/cifar10-jpeg.tar.gz (the JPEG q75 mirror, shared/data/README.md)
@@ -181,14 +181,9 @@ class _FusedPredictor:
         self.fused = prepare_model(FusedCifarResNet.from_students(list(models)), device).eval()
         self.count = len(models)
 
-    @torch.inference_mode()
     def __call__(self, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-        out = []
-        for start in range(0, images.shape[0], batch_size):
-            x = model_input(images[start:start + batch_size].to(device, non_blocking=True), device)
-            with autocast(device):
-                out.append(self.fused(x.unsqueeze(0).expand(self.count, *x.shape)).float())
-        return torch.cat(out, dim=1)
+        return predict_logits(self.fused, images, batch_size, device, batch_dim=1,
+                              forward=lambda x: self.fused(x.unsqueeze(0).expand(self.count, *x.shape)))
 
 
 def prediction_groups(models: Mapping[str, nn.Module], device: torch.device

@@ -45,11 +45,10 @@ from .train import (
     FitResult,
     RunLike,
     StepOutput,
-    autocast,
     device_labels,
     fit,
     image_variants,
-    model_input,
+    predict_logits,
     prepare_model,
 )
 from .tuned import load_tuned_values
@@ -318,20 +317,9 @@ def make_group(students: Sequence[nn.Module]) -> StudentGroup:
     return FusedStudents(students)
 
 
-@torch.inference_mode()
 def group_predict(group: StudentGroup, images_uint8: Tensor, batch_size: int, device: torch.device) -> Tensor:
     """Logits [S, N, C] (float) of every student of the group on uint8 NCHW images, in eval mode."""
-    was_training = group.training
-    group.eval()
-    outputs = []
-    for start in range(0, images_uint8.shape[0], batch_size):
-        batch = images_uint8[start:start + batch_size].to(device, non_blocking=True)
-        with autocast(device):
-            outputs.append(group.predict(model_input(batch, device)).float())
-    group.train(was_training)
-    if not outputs:
-        return torch.empty(group.num_students, 0, 10, device=device)
-    return torch.cat(outputs, dim=1)
+    return predict_logits(group, images_uint8, batch_size, device, forward=group.predict, batch_dim=1)
 
 
 # --------------------------------------------------------------------------------------

@@ -124,18 +124,22 @@ def model_input(images_uint8: torch.Tensor, device: torch.device) -> torch.Tenso
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, images_uint8: torch.Tensor, batch_size: int,
-                   device: torch.device) -> torch.Tensor:
-    """Logits (float32, on device) for uint8 NCHW images, in eval mode; restores the mode."""
+def predict_logits(model: nn.Module, images_uint8: torch.Tensor, batch_size: int, device: torch.device,
+                   forward: Callable[[torch.Tensor], torch.Tensor] | None = None, batch_dim: int = 0) -> torch.Tensor:
+    """Logits (float32, on device) for uint8 NCHW images, in eval mode; restores the mode.
+    `forward` replaces model(x) (students together return [S, N, C]: `batch_dim` 1)."""
     was_training = model.training
     model.eval()
+    forward = forward or model
     outputs = []
     for start in range(0, images_uint8.shape[0], batch_size):
         batch = images_uint8[start:start + batch_size].to(device, non_blocking=True)
         with autocast(device):
-            outputs.append(model(model_input(batch, device)).float())
+            outputs.append(forward(model_input(batch, device)).float())
     model.train(was_training)
-    return torch.cat(outputs) if outputs else torch.empty(0, 10, device=device)
+    if not outputs:
+        return torch.empty(0, 10, device=device)
+    return torch.cat(outputs, dim=batch_dim)
 
 
 def accuracy(model: nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor, batch_size: int,
