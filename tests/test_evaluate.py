@@ -280,3 +280,28 @@ def test_fused_prediction_groups_give_each_models_own_logits() -> None:
     for k in range(3):
         alone = predict_logits(models[f"s{k}"], images, 4, CPU)
         torch.testing.assert_close(logits[k], alone, atol=1e-4 * float(alone.abs().max()), rtol=0)
+
+
+def test_every_model_gets_its_own_evaluation_run(stage_files, monkeypatch, tmp_path) -> None:
+    """Nested runs `eval <model>` under the evaluate run, with the model's method and seed and its
+    clean and CIFAR-10-C numbers: the runs table compares methods on robustness row by row."""
+    from matekd.tracking import read_folder
+
+    params = tiny_params(stage_files)
+    params.tracking.enabled = True
+    offline = tmp_path / "offline"
+    monkeypatch.setenv("MATEKD_TRACKING", "offline")
+    monkeypatch.setenv("MATEKD_OFFLINE_DIR", str(offline))
+    results = evaluate_stage.run_evaluate(params)
+    records = read_folder(offline)
+    parent = next(r for r in records.values() if r.meta["run_name"] == "evaluate")
+    children = {r.meta["run_name"]: r for r in records.values() if r.meta.get("parent_run_id") == parent.run_id}
+    assert set(children) == {f"eval {name}" for name in results}
+    ce = children["eval student-ce-seed0"]
+    assert ce.meta["tags"]["method"] == "ce" and ce.meta["tags"]["stage"] == "evaluate-model"
+    assert ce.meta["params"]["distill.method"] == "ce"
+    logged = {m["key"]: m["value"] for m in ce.metrics}
+    assert logged["test_acc"] == pytest.approx(results["student-ce-seed0"]["test_acc"])
+    assert "cifar10c/gaussian_noise" in logged and "gradcam/similarity_mean/resnet20" in logged
+    teacher = {m["key"] for m in children["eval resnet56"].metrics}
+    assert "test_acc" in teacher and not any(k.startswith("gradcam/") for k in teacher)

@@ -1,4 +1,4 @@
-"""`matekd gpu-run` (commands/gpu_run.py, commands/pack.py), the budget profile and parallel
+"""`matekd gpu-run` (commands/gpu_run/, commands/pack.py), the budget profile and parallel
 CIFAR-10-C generation.
 
 The end-to-end runner test runs the budget profile on the CPU with tiny overrides and the real

@@ -549,7 +549,7 @@ def _overlaps(a, b) -> bool:
 
 
 def test_report_legends_sit_outside_every_axes(fixture_root, monkeypatch) -> None:
-    from matekd import report as report_lib
+    from matekd.report import figures as report_figures
 
     checked = []
 
@@ -568,7 +568,7 @@ def test_report_legends_sit_outside_every_axes(fixture_root, monkeypatch) -> Non
 
         plt.close(fig)
 
-    monkeypatch.setattr(report_lib, "_save", check_then_close)
+    monkeypatch.setattr(report_figures, "_save", check_then_close)
     run_report(fixture_params())
     names = dict(checked)
     assert {"methods-accuracy.png", "val-acc.png", "train-loss.png", "teacher-weights.png",

@@ -370,7 +370,7 @@ def test_an_ablation_group_trains_once_and_each_stage_writes_its_member(workspac
     first = run_distill(p, method="mtkd_equal", seed=0, ablation=True, progress=False)
     assert calls == [["ce-seed0", "mtkd_equal-seed0", "ca_mkd-seed0"]]
     assert len(opened) == 3 and len({kw["run_name"] for kw, _ in opened}) == 3   # one run per student
-    assert {kw["tags"]["group.size"] for kw, _ in opened} == {3}
+    assert {kw["tags"]["group.students"] for kw, _ in opened} == {3}
     assert len(list(stores.iterdir())) == 1
     for method in ("ce", "ca_mkd"):
         out = run_distill(p, method=method, seed=0, ablation=True, progress=False)
@@ -379,7 +379,7 @@ def test_an_ablation_group_trains_once_and_each_stage_writes_its_member(workspac
     assert not list(stores.iterdir())            # every member written: the store is gone
     assert first == read_json(root / "metrics" / "student" / "mtkd_equal-seed0.json")
     meta = load_tensors(root / "models" / "student" / "ca_mkd-seed0.safetensors")[1]
-    assert meta["method"] == "ca_mkd" and meta["group_size"] == "3"
+    assert meta["method"] == "ca_mkd" and meta["group_students"] == "3"
     # rerunning one member (its outputs deleted, as DVC does) retrains the group once and leaves no store
     for path in (root / "models" / "student" / "ce-seed0.safetensors", root / "metrics" / "student" / "ce-seed0.json"):
         path.unlink()
@@ -454,3 +454,32 @@ def test_a_registered_method_needs_no_edit_outside_the_table(workspace, dummy_me
     assert kwargs["run_name"] == "ablation dummy_equal2 seed0" and kwargs["tags"]["hyperparameters"].startswith("T=")
     epoch = next(m for _, m in recorder.metrics if "val_acc" in m)
     assert epoch["train_kd"] > 0 and "train_attr" not in epoch
+
+
+def test_round_robin_assignment_of_groups_to_devices():
+    from matekd.train import assign_round_robin
+
+    plan = assign_round_robin(["g0", "g1", "g2", "g3", "g4"], ["cuda:0", "cuda:1"])
+    assert plan == [("cuda:0", ["g0", "g2", "g4"]), ("cuda:1", ["g1", "g3"])]
+    assert assign_round_robin(["g0"], ["cuda:0", "cuda:1", "cuda:2"])[1:] == [("cuda:1", []), ("cuda:2", [])]
+    assert assign_round_robin([1, 2], ["cpu", "cpu"]) == [("cpu", [1]), ("cpu", [2])]   # a device may repeat
+    with pytest.raises(ValueError):
+        assign_round_robin([1], [])
+
+
+def test_matekd_ablation_spreads_groups_over_processes_and_writes_every_student(workspace, monkeypatch):
+    """Two groups on two worker processes (two `cpu` devices stand in for two GPUs): every
+    student's outputs are written, the same as training its group in this process."""
+    root, params = workspace
+    monkeypatch.setenv("MATEKD_TRACKING", "off")
+    p = params.model_copy(deep=True)
+    p.ablation.methods = ["ce", "mtkd_equal"]
+    p.ablation.seeds = [0, 1]
+    p.ablation.group_size = 2
+    written = distill_stage.run_ablation(p, devices=["cpu", "cpu"], progress=False)
+    assert len(written) == 4
+    for method in ("ce", "mtkd_equal"):
+        for seed in (0, 1):
+            meta = load_tensors(root / "models" / "student" / f"{method}-seed{seed}.safetensors")[1]
+            assert meta["method"] == method and meta["seed"] == str(seed) and meta["group_students"] == "2"
+    assert not list((root / "checkpoints" / "groups").iterdir())

@@ -191,8 +191,9 @@ class TeacherSignals:
         index, offsets, flips = batch.index[slots], batch.offsets[slots], batch.flips[slots]
         if self.train_logits is not None:
             variants = variant_index(offsets.reshape(-1, 2), flips.reshape(-1), PAD)
-            picked = self.train_logits[list(teachers)] if len(teachers) != len(self.names) else self.train_logits
-            return picked[:, index.reshape(-1), variants].float()
+            rows = torch.as_tensor(list(teachers), device=index.device)[:, None]
+            # One gather over (teacher, image, variant): never a copy of a whole teacher's cache.
+            return self.train_logits[rows, index.reshape(-1)[None, :], variants[None, :]].float()
         b = batch.labels.shape[1]
         inputs = batch.inputs.view(batch.slots, b, *batch.inputs.shape[1:])[slots].flatten(0, 1)
         with torch.no_grad():

@@ -322,6 +322,11 @@ def _remove_packs(out_dir: Path) -> None:
         path.unlink()
 
 
+def is_pack_file(name: str) -> bool:
+    """A pack (pack-<k>.tar.gz) or one left half-written (.pack-<k>.tar.gz.tmp) by write_plan."""
+    return (name.startswith(PACK_PREFIX) and name.endswith(".tar.gz")) or name.startswith(f".{PACK_PREFIX}")
+
+
 def check_output_layout(out_dir: Path, *, max_files: int = MAX_FILES, file_limit: int = FILE_LIMIT,
                         total_limit: int = TOTAL_LIMIT, max_depth: int = 2) -> list[Path]:
     """Every file under `out_dir`, refused (PackError) when the layout breaks a limit: too many

@@ -148,8 +148,8 @@ def group_store(digest: str, root: Path = Path(".")) -> Path:
     return root / GROUP_STORE_DIR / digest[:24]
 
 
-def _group_info(digest: str, specs: Sequence[StudentSpec], size: int) -> dict[str, Any]:
-    return {"digest": digest, "size": len(specs), "group_size": size, "members": ",".join(s.output for s in specs)}
+def _group_info(digest: str, specs: Sequence[StudentSpec]) -> dict[str, Any]:
+    return {"digest": digest, "students": len(specs), "members": ",".join(s.output for s in specs)}
 
 
 def train_group(params: Params, specs: Sequence[StudentSpec], data: Prepared, device: torch.device,
@@ -161,7 +161,7 @@ def train_group(params: Params, specs: Sequence[StudentSpec], data: Prepared, de
     if done.is_file() and read_json(done).get("digest") == digest:
         return store
     store.mkdir(parents=True, exist_ok=True)
-    info = _group_info(digest, specs, params.ablation.group_size)
+    info = _group_info(digest, specs)
     train_and_write(params, specs, "ablation", data, device, store, store / "checkpoint.pt", progress, info)
     write_json(done, {"digest": digest, "members": [s.output for s in specs]})
     return store

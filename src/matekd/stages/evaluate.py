@@ -41,6 +41,7 @@ from ..params import Params, flatten
 from ..paths import EVAL_DIR, SUMMARY_METRICS
 from ..storage import atomic_dir, write_json
 from ..teachers import load_teacher
+from ..tracking import start_run
 from ..train import device_labels, device_name
 from .context import stage
 
@@ -116,7 +117,9 @@ def run_evaluate(params: Params, prepared_dir: str | Path = "prepared", corrupte
                 write_json(tmp / f"gradcam-{name}.json", summary)
                 (tmp / f"gradcam-{name}.png").write_bytes(png)
         write_summary(root / SUMMARY_METRICS, results)
-        _log(ctx.run, root / EVAL_DIR, results, {n: s for n, (s, _) in gradcam.items()})
+        gradcam_summaries = {n: g for n, (g, _) in gradcam.items()}
+        _log(ctx.run, root / EVAL_DIR, results, gradcam_summaries)
+        _log_per_model(params, ctx.run, results, gradcam_summaries, student_meta)
     return results
 
 
@@ -194,22 +197,47 @@ def _gradcam_analysis(params: Params, data, teachers: dict[str, nn.Module], stud
     return out
 
 
+def model_metrics(entry: dict, gradcam: dict | None) -> dict[str, float]:
+    """A model's evaluation numbers under short names: clean and CIFAR-10-C summaries, per
+    severity and corruption, and (students) the Grad-CAM agreement with each teacher."""
+    c = entry["cifar10c"]
+    values = {"test_acc": entry["test_acc"], "cifar10c_mean15": c["standard_mean"],
+              "cifar10c_mean19": c["all_mean"], "cifar10c_extra_mean": c["extra_mean"]}
+    for s, acc in enumerate(c["per_severity_standard"] or [], start=1):
+        values[f"cifar10c_severity{s}"] = acc
+    for corruption, acc in c["per_corruption"].items():
+        values[f"cifar10c/{corruption}"] = acc
+    for key in ("similarity_mean", "weight_mean", "dominant_fraction"):
+        for teacher, value in ((gradcam or {}).get(key) or {}).items():
+            values[f"gradcam/{key}/{teacher}"] = value
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def _log(run, folder: Path, results: dict[str, dict], gradcam: dict[str, dict]) -> None:
     metrics: dict[str, float] = {}
     for name, entry in results.items():
-        c = entry["cifar10c"]
-        values = {"test_acc": entry["test_acc"], "cifar10c_mean15": c["standard_mean"],
-                  "cifar10c_mean19": c["all_mean"], "cifar10c_extra_mean": c["extra_mean"]}
-        for s, acc in enumerate(c["per_severity_standard"] or [], start=1):
-            values[f"cifar10c_severity{s}"] = acc
-        for corruption, acc in c["per_corruption"].items():
-            values[f"cifar10c/{corruption}"] = acc
-        metrics.update({f"{name}/{k}": v for k, v in values.items() if v is not None})
-    for student, summary in gradcam.items():
-        for key in ("similarity_mean", "weight_mean", "dominant_fraction"):
-            for teacher, value in summary[key].items():
-                if value is not None:
-                    metrics[f"gradcam/{student}/{key}/{teacher}"] = value
+        metrics.update({f"{name}/{k}": v for k, v in model_metrics(entry, gradcam.get(name)).items()})
     run.log_metrics(metrics)
     for path in sorted(folder.iterdir()):
         run.log_artifact(path, "eval")
+
+
+def _log_per_model(params: Params, parent: Any, results: dict[str, dict], gradcam: dict[str, dict],
+                   student_meta: dict[str, dict]) -> None:
+    """One nested run per model (`eval <model>`, stage `evaluate-model`) holding its clean and
+    CIFAR-10-C numbers, tagged with its method and seed and linked to its training run: the
+    runs table then compares methods on robustness, row by row."""
+    tracking = params.tracking
+    for name, entry in results.items():
+        meta = student_meta.get(name, {})
+        tags = {"model": name, "kind": entry["kind"], "dataset": entry["dataset"],
+                "cifar10c": entry["corruption_dataset"], "profile": params.profile}
+        logged = {"model": name, "architecture": entry["architecture"]}
+        if entry["kind"] == "student":
+            tags.update({"method": entry.get("method") or "", "seed": entry.get("seed"), "output": entry["output"],
+                         "training_run_id": meta.get("mlflow_run_id", "")})
+            logged.update({"distill.method": entry.get("method"), "distill.seed": entry.get("seed")})
+        with start_run(enabled=tracking.enabled, mode=tracking.mode, offline_dir=tracking.offline_dir,
+                       experiment=tracking.experiment, run_name=f"eval {name}", stage="evaluate-model",
+                       params=logged, tags=tags, parent_run_id=parent.run_id) as run:
+            run.log_metrics(model_metrics(entry, gradcam.get(name)))

@@ -12,7 +12,7 @@ from ..params import Params, flatten
 from ..paths import teacher_paths
 from ..storage import digest_of, save_tensors, write_history_csv, write_json
 from ..train import accuracy, cross_entropy_step, device_labels, fit, prepare_model
-from .context import stage
+from .context import log_prepared_input, stage
 
 TIMING_KEYS = ("seconds", "images_per_second")  # wall-clock: the only non-deterministic metrics
 
@@ -35,6 +35,7 @@ def run_train_teacher(params: Params, name: str, prepared_dir: str | Path = "pre
     digest = digest_of("teacher", name, recipe.model_dump(), params.seed, data.manifest_hash)
     with stage(params, name="train_teacher", run_name=f"teacher {name}", data_hash=data.manifest_hash,
                tags={"model": name}, log_params=logged_params(params, name)) as ctx:
+        log_prepared_input(ctx.run, data)
         device = ctx.device
         model = prepare_model(build_model(name), device)
         train_x, train_y = to_device_tensor(data.train_images, device), device_labels(data.train_labels, device)

@@ -1,0 +1,9 @@
+"""`python -m matekd.commands.gpu_run` (what scripts/gpu-run.sh runs): `matekd gpu-run` without
+the rest of the matekd CLI."""
+
+import sys
+
+from .arguments import main
+
+if __name__ == "__main__":
+    sys.exit(main())
