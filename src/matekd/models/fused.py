@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .resnet import CifarResNet
+from .resnet import BasicBlock, CifarResNet
 
 __all__ = ["FusedCifarResNet"]
 
@@ -112,11 +112,12 @@ class _FusedShortcutA(nn.Module):
         return y.flatten(1, 2)
 
 
-class _FusedBasicBlock(nn.Module):
-    """K BasicBlocks side by side; attribute names mirror `resnet.BasicBlock`."""
+class _FusedBasicBlock(BasicBlock):
+    """K BasicBlocks side by side: the same attributes and forward as `resnet.BasicBlock`, with
+    fused layers."""
 
     def __init__(self, num_students: int, in_planes: int, planes: int, stride: int = 1) -> None:
-        super().__init__()
+        nn.Module.__init__(self)   # BasicBlock's own layers would be built only to be replaced
         self.conv1 = _fused_conv(num_students, in_planes, planes, stride)
         self.bn1 = _FusedBatchNorm2d(num_students, planes)
         self.conv2 = _fused_conv(num_students, planes, planes, 1)
@@ -127,11 +128,6 @@ class _FusedBasicBlock(nn.Module):
             self.shortcut = _FusedShortcutA(num_students, in_planes, planes, stride)
         else:
             self.shortcut = nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
 
 
 class _BatchedLinear(nn.Module):
