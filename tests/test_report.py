@@ -30,7 +30,7 @@ from matekd.report import (
     t_interval,
     weight_evolution,
 )
-from matekd.stages import report as report_stage
+from matekd.stages import context as stage_context
 from matekd.stages.report import run_report
 
 DATASET = "CIFAR-10 (JPEG q75 mirror)"
@@ -216,7 +216,7 @@ def built(tmp_path_factory):
         stale.parent.mkdir(parents=True)
         stale.write_bytes(b"old")
         mp.chdir(root)
-        mp.setattr(report_stage, "start_run", fake_start_run)
+        mp.setattr(stage_context, "start_run", fake_start_run)   # what stages.context.tracked_run opens
         params = fixture_params()
         summary = run_report(params)
         return Built(root, params.digest(), shortcuts(params), summary, logged,

@@ -21,6 +21,7 @@ from matekd.errors import CacheError, MatekdError, ParamsError
 from matekd.models import build_model
 from matekd.params import load_params
 from matekd.paths import teacher_paths
+from matekd.stages import context as stage_context
 from matekd.stages import distill as distill_stage
 from matekd.stages.cache import run_cache
 from matekd.stages.distill import run_distill
@@ -96,7 +97,7 @@ def _recording(monkeypatch) -> list[tuple[dict, RecordingRun]]:
         opened.append((kwargs, recorder))
         yield recorder
 
-    monkeypatch.setattr(distill_stage, "start_run", fake_start_run)
+    monkeypatch.setattr(stage_context, "start_run", fake_start_run)   # what stages.context.tracked_run opens
     return opened
 
 

@@ -46,22 +46,21 @@ def variant_logits(model, images: torch.Tensor, batch_size: int, device: torch.d
     n, n_var = images.shape[0], num_variants(PAD)
     mask = torch.ones(n, n_var, dtype=torch.bool) if wanted is None else wanted.cpu().bool()
     pairs = mask.nonzero()
-    logits = None
+    logits = torch.zeros(n, n_var, 10, dtype=torch.float16, device=device)
+    peak = torch.zeros((), device=device)   # largest |logit|, checked once at the end (no sync per batch)
     for start in range(0, pairs.shape[0], batch_size):
         image_idx, variant = pairs[start:start + batch_size].to(device).unbind(1)
         offsets, flips = variant_params(variant, PAD)
         views = crop_flip(images[image_idx].to(device), offsets, flips, PAD)
         with autocast(device):
             out = model(model_input(views, device)).float()
-        if not bool(torch.isfinite(out.half()).all()):
-            raise CacheError(f"teacher logits reach {float(out.abs().max()):.3g}, beyond the fp16 range of the "
-                             "cache (65504): the teacher looks untrained or diverged; retrain it")
-        out = out.half()
-        if logits is None:
+        if logits.shape[-1] != out.shape[1]:
             logits = torch.zeros(n, n_var, out.shape[1], dtype=torch.float16, device=device)
-        logits[image_idx, variant] = out
-    if logits is None:
-        logits = torch.zeros(n, n_var, 10, dtype=torch.float16, device=device)
+        peak = torch.maximum(peak, out.abs().max())
+        logits[image_idx, variant] = out.half()
+    if not float(peak) <= float(torch.finfo(torch.float16).max):
+        raise CacheError(f"teacher logits reach {float(peak):.3g}, beyond the fp16 range of the cache (65504): "
+                         "the teacher looks untrained or diverged; retrain it")
     return logits, mask
 
 
@@ -96,8 +95,9 @@ class TeacherCache:
 
 
 def load_cache(name: str, dataset_sha256: str, device: torch.device | str = "cpu",
-               need_logits: bool = False) -> TeacherCache:
-    """Load a teacher's cache, refusing one built from other weights or data."""
+               need_logits: bool = False, teacher_sha256: str | None = None) -> TeacherCache:
+    """Load a teacher's cache, refusing one built from other weights or data. `teacher_sha256`:
+    the teacher weights' hash when the caller already has it (else the file is hashed here)."""
     path = cache_path(name)
     if not path.exists():
         raise CacheError(f"missing CAM cache {path}; run `dvc repro cache@{name}` (or `matekd cache {name}`)")
@@ -106,7 +106,7 @@ def load_cache(name: str, dataset_sha256: str, device: torch.device | str = "cpu
     except MatekdError as exc:
         raise CacheError(f"CAM cache {path} is corrupt ({exc}); delete it and run `dvc repro cache@{name}`") from exc
     weights = teacher_paths(name)["weights"]
-    current_teacher = sha256_file(weights) if weights.exists() else "missing"
+    current_teacher = teacher_sha256 or (sha256_file(weights) if weights.exists() else "missing")
     problems = []
     if meta.get("version") != CACHE_VERSION:
         problems.append(f"format version {meta.get('version')} != {CACHE_VERSION}")

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -50,9 +50,9 @@ def resolve_corruptions(names: list[str] | None) -> list[str]:
     return [n for n in CORRUPTIONS if n in names]
 
 
-def resolve_frost_dir(frost_dir: str) -> str:
-    """params corrupt.frost_dir, else $MATEKD_FROST, else "" (frost is then skipped)."""
-    return frost_dir or os.environ.get("MATEKD_FROST", "")
+def resolve_frost_dir(frost_dir: str, environ: Mapping[str, str] = os.environ) -> str:
+    """params corrupt.frost_dir, else $MATEKD_FROST of `environ`, else "" (frost is then skipped)."""
+    return frost_dir or environ.get("MATEKD_FROST", "")
 
 
 def prepared_source_kind(manifest: dict) -> str:

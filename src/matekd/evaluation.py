@@ -1,6 +1,6 @@
 """Evaluation maths and helpers: accuracy, confusion, CIFAR-10-C summaries, Grad-CAM agreement.
 
-Used by the evaluate stage (matekd.stages.evaluate) and the report.
+Used by the evaluate stage (matekd.stages.evaluate); the report reads only what it writes.
 
 CIFAR-10-C convention (docs/cifar10c.md): the headline number is the mean over the 15
 standard corruptions x 5 severities; the 4 extra corruptions and the 19-mean are reported
@@ -24,27 +24,19 @@ from .attribution import grad_cam, resize_maps
 from .augment import to_device_tensor
 from .corruptions import CORRUPTIONS as ALL_CORRUPTIONS
 from .corruptions import EXTRA_4 as EXTRA_CORRUPTIONS
+from .corruptions import SEVERITIES
 from .corruptions import STANDARD_15 as STANDARD_CORRUPTIONS
 from .distill import similarity, teacher_weights, weight_statistics
 from .errors import MatekdError
 from .models import build_model
 from .models.fused import FusedCifarResNet
 from .models.resnet import CifarResNet
+from .plotting import pyplot
 from .storage import load_tensors
 from .train import device_labels, model_input, predict_logits, prepare_model
 
-SEVERITIES = 5
 # sha256 of shared/data/cifar10-jpeg.tar.gz (the JPEG q75 mirror, shared/data/README.md)
 JPEG_MIRROR_SHA256 = "45b041e867f5a40f79bfde38d3dd1fd511103d50068c1afecf6445e25234d4db"
-EVAL_DIR = Path("metrics") / "eval"
-
-__all__ = [
-    "STANDARD_CORRUPTIONS", "EXTRA_CORRUPTIONS", "ALL_CORRUPTIONS", "confusion_matrix",
-    "per_class_accuracy", "evaluate_predictions", "evaluate_clean", "severity_accuracy",
-    "corruption_table", "summarise_corruption", "stratified_order", "gradcam_agreement",
-    "dataset_label", "corruption_label", "corruption_digest", "load_student", "gradcam_figure", "png_bytes",
-    "to_json_safe",
-]
 
 
 # --------------------------------------------------------------------------------------
@@ -82,7 +74,7 @@ def evaluate_predictions(pred: np.ndarray | torch.Tensor, labels: np.ndarray | t
             "images": total}
 
 
-def severity_accuracy(correct: np.ndarray | torch.Tensor, severities: int = SEVERITIES) -> np.ndarray:
+def severity_accuracy(correct: np.ndarray | torch.Tensor, severities: int = len(SEVERITIES)) -> np.ndarray:
     """Accuracy per severity of a 0/1 vector laid out as severity blocks [(s-1)n, sn)."""
     correct = _as_numpy(correct).astype(np.float64).ravel()
     if correct.size == 0 or correct.size % severities:
@@ -104,8 +96,8 @@ def summarise_corruption(acc_table: Mapping[str, Sequence[float]]) -> dict[str, 
         raise ValueError(f"unknown corruptions {unknown}; expected names among {', '.join(ALL_CORRUPTIONS)}")
     table = {name: np.asarray(values, dtype=np.float64) for name, values in acc_table.items()}
     for name, values in table.items():
-        if values.shape != (SEVERITIES,):
-            raise ValueError(f"{name}: expected {SEVERITIES} severity accuracies, got shape {values.shape}")
+        if values.shape != (len(SEVERITIES),):
+            raise ValueError(f"{name}: expected {len(SEVERITIES)} severity accuracies, got shape {values.shape}")
 
     def block(names: Sequence[str]) -> np.ndarray | None:
         present = [table[n] for n in names if n in table]
@@ -340,10 +332,7 @@ def gradcam_figure(images: np.ndarray, labels: np.ndarray, student_maps: torch.T
     ignores a suptitle, which then sat on the first row's labels)."""
     import textwrap
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows, k = images.shape[0], len(teacher_names)
     size = images.shape[1]
@@ -373,17 +362,5 @@ def gradcam_figure(images: np.ndarray, labels: np.ndarray, student_maps: torch.T
     # ~15 characters of 8-pt text per inch: wrap so a long title never runs off the figure.
     fig.suptitle(textwrap.fill(title, max(int(15 * width), 30)), fontsize=8)
     return fig
-
-
-def png_bytes(fig) -> bytes:
-    """Render and close a figure (many students must not keep many figures open)."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
 
 

@@ -17,13 +17,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["Method", "METHODS", "RECIPE_KEYS", "register", "unregister", "get", "names",
-           "method_teachers", "uses_teachers"]
+__all__ = ["Method", "METHODS", "RECIPE_KEYS", "NUMERIC_HYPERPARAMETERS", "TUNABLE", "register", "unregister",
+           "get", "method_teachers"]
 
 TeacherUse = Literal["none", "one", "all"]
 
 # Optimiser-recipe keys (distill.recipe.*) that every method trains with.
 RECIPE_KEYS = ("lr", "weight_decay")
+# The distill.* hyperparameters that are numbers (a tuning study can search them).
+NUMERIC_HYPERPARAMETERS = ("kd_temperature", "ce_weight", "similarity_temperature", "similarity_temperature_end",
+                           "attribution_weight")
+TUNABLE = NUMERIC_HYPERPARAMETERS + RECIPE_KEYS   # every name tune.space may hold
 
 _KD = ("kd_temperature", "ce_weight")
 _ATTRIBUTION = ("similarity_temperature", "similarity_temperature_end", "similarity_schedule_epochs",
@@ -55,6 +59,11 @@ class Method:
         """Reads cached teacher Grad-CAM maps (attribution weighting or the attribution loss)."""
         return self.weighting == "attribution" or self.attribution_loss
 
+    def reads_cache(self, teacher_signals: str) -> bool:
+        """Reads the teachers' caches: their maps, or their logits when distill.teacher_signals
+        is `cached`."""
+        return self.needs_maps or (self.has_kd and teacher_signals == "cached")
+
     @property
     def has_kd(self) -> bool:
         return self.teachers != "none"
@@ -68,9 +77,7 @@ class Method:
     def tunable(self) -> tuple[str, ...]:
         """Names a tuning study may search for this method: its hyperparameters that are numbers,
         plus the shared recipe keys."""
-        numeric = {"kd_temperature", "ce_weight", "similarity_temperature", "similarity_temperature_end",
-                   "attribution_weight"}
-        return tuple(h for h in self.hyperparameters if h in numeric) + RECIPE_KEYS
+        return tuple(h for h in self.hyperparameters if h in NUMERIC_HYPERPARAMETERS) + RECIPE_KEYS
 
 
 METHODS: dict[str, Method] = {}
@@ -92,10 +99,6 @@ def unregister(name: str) -> None:
     METHODS.pop(name, None)
 
 
-def names() -> tuple[str, ...]:
-    return tuple(METHODS)
-
-
 def get(name: str) -> Method:
     try:
         return METHODS[name]
@@ -110,10 +113,6 @@ def method_teachers(method: Method, teachers: list[str], kd_teacher: str) -> lis
     if method.teachers == "one":
         return [kd_teacher]
     return list(teachers)
-
-
-def uses_teachers(method: Method) -> bool:
-    return method.teachers != "none"
 
 
 register(Method(

@@ -47,6 +47,11 @@ class DataParams(Strict):
     val_per_class: int = Field(default=500, ge=0, le=CIFAR_PER_CLASS_TRAIN)
     test_per_class: int | None = Field(default=None, ge=1, le=CIFAR_PER_CLASS_TEST)
 
+    @property
+    def train_images_per_class(self) -> int:
+        """data.train_per_class, or (null) all that the validation split leaves."""
+        return self.train_per_class if self.train_per_class is not None else CIFAR_PER_CLASS_TRAIN - self.val_per_class
+
     @model_validator(mode="after")
     def _fits(self) -> DataParams:
         if self.train_per_class is not None and self.train_per_class + self.val_per_class > CIFAR_PER_CLASS_TRAIN:
@@ -201,7 +206,7 @@ class TuneParams(Strict):
     @field_validator("space")
     @classmethod
     def _known(cls, space: dict[str, SpaceEntry]) -> dict[str, SpaceEntry]:
-        tunable = set(TUNABLE)
+        tunable = set(method_table.TUNABLE)
         for name in space:
             if name not in tunable:
                 raise ValueError(f"unknown parameter {name!r}; tunable: {', '.join(sorted(tunable))}")
@@ -210,8 +215,11 @@ class TuneParams(Strict):
         return space
 
 
-TUNABLE = ("kd_temperature", "similarity_temperature", "ce_weight", "attribution_weight", "lr",
-           "weight_decay", "similarity_temperature_end")
+def set_distill_values(distill: DistillParams, values: dict[str, Any]) -> None:
+    """Set dotted `distill.*` / `distill.recipe.*` values in place (validated on assignment)."""
+    for dotted, value in values.items():
+        section, _, key = dotted.removeprefix("distill.").rpartition(".")
+        setattr(distill.recipe if section == "recipe" else distill, key, value)
 
 
 def param_key(name: str) -> str:

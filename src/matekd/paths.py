@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 PREPARED_DIR = Path("prepared")
-CIFAR10C_DIR = Path("cifar10c")
 EVAL_DIR = Path("metrics") / "eval"
 SUMMARY_METRICS = Path("metrics") / "summary.json"   # stage evaluate's DVC metrics: per model, numbers
 REPORT_DIR = Path("reports")
 METHOD_INPUTS_DIR = Path("methods")          # stage method_inputs: what each method trains with
 TUNED_DIR = Path("tuning") / "best"          # `matekd tune`: a method's tuned values
 TUNE_METRICS_DIR = Path("metrics") / "tune"
+TUNE_RECORDS_DIR = Path("tuning") / "trials"     # per-epoch records of trials, for the launching process
 GROUP_STORE_DIR = Path("checkpoints") / "groups"  # students trained together, until each is written
 
 
@@ -37,6 +38,15 @@ def student_paths(output_name: str, root: Path = Path(".")) -> dict[str, Path]:
 def ablation_output(method: str, seed: int) -> str:
     """Output name of an ablation run (its stage is `ablation@<method>-<seed>`)."""
     return f"{method}-seed{seed}"
+
+
+_ABLATION_OUTPUT = re.compile(r"^(?P<method>.+)-seed(?P<seed>\d+)$")
+
+
+def parse_ablation_output(name: str) -> tuple[str, int] | None:
+    """(method, seed) of an ablation output name, None for any other output (e.g. `distill`)."""
+    match = _ABLATION_OUTPUT.match(name)
+    return (match["method"], int(match["seed"])) if match else None
 
 
 def cache_path(name: str, root: Path = Path(".")) -> Path:

@@ -25,26 +25,29 @@ from safetensors.torch import load_file, save
 
 from .errors import DataError, MatekdError
 
+ROOT_MARKERS = ("dvc.yaml", "params.yaml")   # a folder holding one of these is a project root
+
 
 def repo_root() -> Path:
-    """The project root: DVC_ROOT when DVC runs us, else the nearest folder with dvc.yaml."""
+    """The project root: DVC_ROOT when DVC runs us, else the nearest folder with a ROOT_MARKER."""
     if os.environ.get("DVC_ROOT"):
         return Path(os.environ["DVC_ROOT"]).resolve()
     here = Path.cwd().resolve()
     for folder in (here, *here.parents):
-        if (folder / "dvc.yaml").exists() or (folder / "params.yaml").exists():
+        if any((folder / marker).exists() for marker in ROOT_MARKERS):
             return folder
     return here
 
 
-def _file_mode() -> int:
-    """0o666 less the process umask (read once: os.umask can only be read by setting it)."""
+def _umask() -> int:
+    """The process umask (read once: os.umask can only be read by setting it)."""
     mask = os.umask(0o022)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
 
 
-_FILE_MODE = _file_mode()
+_FILE_MODE = 0o666 & ~_umask()
+_DIR_MODE = 0o777 & ~_umask()
 CHECKSUM_KEY = "matekd.sha256"  # safetensors metadata entry: hash of the tensors + other metadata
 
 
@@ -80,6 +83,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        os.chmod(tmp, _DIR_MODE)   # mkdtemp makes 0700; the result is an ordinary folder
     except OSError as exc:
         raise MatekdError(f"cannot write {target}: {exc.strerror or exc}") from exc
     old: Path | None = None
@@ -168,6 +172,15 @@ def _tensors_checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
         if tensor.numel():  # an empty tensor has no bytes (and cannot be viewed as uint8)
             digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no copy
     return digest.hexdigest()
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The `__metadata__` strings of a safetensors file, read from its header only (no tensors,
+    no checksum: for looking at what a file is, not for loading it)."""
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    return dict(header.get("__metadata__") or {})
 
 
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu"

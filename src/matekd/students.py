@@ -29,13 +29,14 @@ from .attribution import model_cam
 from .augment import shift_maps, to_device_tensor, variant_index
 from .cache import load_cache
 from .data.prepared import Prepared
-from .distill import WeightingInputs, effective_tau, loss_terms, relative_entropy, weigh, weight_statistics
+from .distill import WeightingInputs, effective_tau, loss_terms, weigh, weight_statistics
 from .errors import CacheError, ParamsError
 from .methods import Method
 from .models import build_model
 from .models.fused import FusedCifarResNet
 from .models.resnet import CifarResNet
-from .params import DistillParams, Params, flatten
+from .params import DistillParams, Params, flatten, set_distill_values
+from .plotting import figure_to_array, pyplot
 from .storage import digest_of, source_digest
 from .teachers import load_teacher, teacher_hashes
 from .train import (
@@ -95,10 +96,7 @@ def resolve_spec(params: Params, method: str, seed: int, output: str, tuned: boo
     tuned_from, trials = None, None
     if tuned:
         values, meta = load_tuned_values(row)
-        for dotted, value in values.items():
-            section, _, key = dotted.removeprefix("distill.").rpartition(".")
-            target = distill.recipe if section == "recipe" else distill
-            setattr(target, key, value)      # validated on assignment
+        set_distill_values(distill, values)
         tuned_from, trials = meta["path"], meta.get("trials")
     return StudentSpec(row, seed, output, distill, tuned_from, trials)
 
@@ -186,12 +184,12 @@ class TeacherSignals:
                 "cache.logit_variants: used for other seeds or fewer epochs); set cache.logit_variants: all, "
                 "or list the seed in ablation.seeds, then rerun `dvc repro cache`")
 
-    def logits(self, batch: Batch, slots: Tensor, teachers: Sequence[int]) -> Tensor:
-        """Teacher logits [K, m*B, C] (float) on the augmented views of the students `slots`."""
+    def logits(self, batch: Batch, slots: Tensor, teachers: Sequence[int], rows: Tensor) -> Tensor:
+        """Teacher logits [K, m*B, C] (float) on the augmented views of the students `slots`;
+        `rows` is `teachers` as a [K, 1] index tensor on the device."""
         index, offsets, flips = batch.index[slots], batch.offsets[slots], batch.flips[slots]
         if self.train_logits is not None:
             variants = variant_index(offsets.reshape(-1, 2), flips.reshape(-1), PAD)
-            rows = torch.as_tensor(list(teachers), device=index.device)[:, None]
             # One gather over (teacher, image, variant): never a copy of a whole teacher's cache.
             return self.train_logits[rows, index.reshape(-1)[None, :], variants[None, :]].float()
         b = batch.labels.shape[1]
@@ -218,7 +216,8 @@ def load_signals(params: Params, names: Sequence[str], need_maps: bool, data: Pr
     signals.hashes = teacher_hashes(list(names))
     cached = params.distill.teacher_signals == "cached"
     if cached or need_maps:
-        caches = [load_cache(n, data.manifest_hash, device, need_logits=cached) for n in names]
+        caches = [load_cache(n, data.manifest_hash, device, need_logits=cached, teacher_sha256=signals.hashes[n])
+                  for n in names]
         if need_maps:
             signals.train_maps = torch.stack([c.train_maps for c in caches])
         if cached:
@@ -352,6 +351,7 @@ class _MethodPart:
     slot_index: Tensor
     teachers: list[int]            # positions in TeacherSignals.names
     teacher_names: list[str]
+    teacher_rows: Tensor = field(default_factory=lambda: torch.empty(0))   # teachers as [K, 1] on the device
     histogram: WeightHistogram | None = None
 
 
@@ -370,6 +370,7 @@ def _parts(specs: Sequence[StudentSpec], params: Params, signals: TeacherSignals
         part.slots.append(slot)
     for part in parts.values():
         part.slot_index = torch.tensor(part.slots, dtype=torch.long, device=device)
+        part.teacher_rows = torch.tensor(part.teachers, dtype=torch.long, device=device)[:, None]
         if part.method.per_sample_weights:
             part.histogram = WeightHistogram(len(part.teachers), len(part.slots), part.distill.histogram_bins,
                                              device)
@@ -420,7 +421,7 @@ def make_group_step(parts: list[_MethodPart], group: StudentGroup, signals: Teac
                 per = {k: v.view(m, b).mean(dim=1) for k, v in per_sample.items()}
                 student_total = per["ce"]
             else:
-                t_logits = signals.logits(batch, idx, part.teachers)       # [K, m*B, C]
+                t_logits = signals.logits(batch, idx, part.teachers, part.teacher_rows)   # [K, m*B, C]
                 student_maps = teacher_maps = None
                 beta = cfg.attribution_weight if method.attribution_loss else 0.0
                 if method.needs_maps:
@@ -472,12 +473,9 @@ class StudentRun:
 
 
 def histogram_figure(counts: Tensor, names: Sequence[str], epoch: int, method: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    plt = pyplot()
     bins = counts.shape[-1]
     edges = np.linspace(0, 1, bins + 1)
     fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
@@ -487,16 +485,6 @@ def histogram_figure(counts: Tensor, names: Sequence[str], epoch: int, method: s
     ax.legend(fontsize=7, loc="upper right", framealpha=0.8)
     fig.tight_layout()
     return fig
-
-
-def figure_to_array(fig):
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return image
 
 
 def group_digest(params: Params, specs: Sequence[StudentSpec], data_hash: str) -> str:
@@ -534,8 +522,8 @@ def train_students(params: Params, specs: Sequence[StudentSpec], data: Prepared,
     teacher_names = [n for n in params.teachers if any(n in spec_teachers(s, params) for s in specs)]
     need_maps = any(s.method.needs_maps for s in specs)
     signals = (signals_loader or load_signals)(params, teacher_names, need_maps, data, device)
-    for spec in specs:
-        signals.check_coverage(data_seed(spec), recipe.epochs)
+    for seed in sorted({data_seed(spec) for spec in specs}):
+        signals.check_coverage(seed, recipe.epochs)
     parts = _parts(specs, params, signals, device)
     histograms: list[list[dict]] = [[] for _ in specs]
 
@@ -583,9 +571,8 @@ def weighting_summary(history: Sequence[dict], teachers: Sequence[str]) -> dict[
         return {}
     last = history[-1]
     out: dict[str, Any] = {}
-    if "train_entropy" in last:
-        out["entropy_relative"] = last.get("train_entropy_relative",
-                                           float(relative_entropy(last["train_entropy"], len(teachers))))
+    if "train_entropy_relative" in last:
+        out["entropy_relative"] = last["train_entropy_relative"]
     weights = {t: last[f"train_weight_mean/{t}"] for t in teachers if f"train_weight_mean/{t}" in last}
     if weights:
         out["weight_mean"] = weights
@@ -617,10 +604,6 @@ def ablation_specs(params: Params) -> list[StudentSpec]:
 
     return [resolve_spec(params, m, s, ablation_output(m, s), tuned=params.ablation.tuned)
             for m in params.ablation.methods for s in params.ablation.seeds]
-
-
-def model_state(run: StudentRun) -> dict[str, Tensor]:
-    return {k: v.detach().cpu() for k, v in run.model.state_dict().items()}
 
 
 __all__ = ["StudentSpec", "resolve_spec", "logged_params", "run_name", "hyperparameter_label", "term_names",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .errors import MatekdError
 from .models import build_model
-from .paths import teacher_paths
+from .paths import cache_path, teacher_paths
 from .storage import load_tensors, sha256_file
 from .train import prepare_model
 
@@ -41,3 +41,15 @@ def teacher_hashes(names: list[str], root: Path = Path(".")) -> dict[str, str]:
                               f"(or `matekd train-teacher {name}`)")
         out[name] = sha256_file(path)
     return out
+
+
+def teacher_identity(names: list[str], with_caches: bool, root: Path = Path(".")) -> dict[str, dict[str, str]]:
+    """{"weights": {name: sha256}, "caches": {name: sha256}} of the teachers a method reads (caches
+    only when it reads them); a missing file fails with the command that makes it."""
+    identity: dict[str, dict[str, str]] = {"weights": teacher_hashes(names, root), "caches": {}}
+    for name in names if with_caches else []:
+        path = cache_path(name, root)
+        if not path.exists():
+            raise MatekdError(f"missing CAM cache {path}; run `dvc repro cache@{name}` first")
+        identity["caches"][name] = sha256_file(path)
+    return identity

@@ -144,10 +144,8 @@ def predict_logits(model: nn.Module, images_uint8: torch.Tensor, batch_size: int
 
 def accuracy(model: nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor, batch_size: int,
              device: torch.device) -> float:
-    if images_uint8.shape[0] == 0:
-        return float("nan")
-    logits = predict_logits(model, images_uint8, batch_size, device)
-    return int((logits.argmax(1) == labels.to(device)).sum()) / labels.shape[0]
+    """Top-1 accuracy of one plain model (NaN for an empty set)."""
+    return slot_accuracy(single_predict(model, device), images_uint8, labels, batch_size, slots=1)[0]
 
 
 def device_labels(labels, device: torch.device) -> torch.Tensor:
@@ -248,10 +246,11 @@ def single_predict(model: nn.Module, device: torch.device) -> Predict:
     return lambda images, batch_size: predict_logits(model, images, batch_size, device)[None]
 
 
-def slot_accuracy(predict: Predict, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> list[float]:
-    """Top-1 accuracy of every student on the same images (NaN for an empty set)."""
+def slot_accuracy(predict: Predict, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                  slots: int) -> list[float]:
+    """Top-1 accuracy of each of the `slots` students on the same images (NaN for an empty set)."""
     if images.shape[0] == 0:
-        return [float("nan")]
+        return [float("nan")] * slots
     logits = predict(images, batch_size)
     correct = (logits.argmax(-1) == labels.to(logits.device)).sum(-1)
     return (correct.double() / labels.shape[0]).tolist()
@@ -344,8 +343,8 @@ def fit(*, model: nn.Module, step_fn: StepFn, recipe: Recipe, train_images: torc
         images_seen += seen
         epoch_sums = torch.stack([v.float() for v in sums.values()]).T.tolist()
         accuracy_train = (correct / seen).tolist()
-        val_acc = slot_accuracy(predict, val_images, val_labels, recipe.eval_batch_size)
-        test_acc = (slot_accuracy(predict, test_images, test_labels, recipe.eval_batch_size)
+        val_acc = slot_accuracy(predict, val_images, val_labels, recipe.eval_batch_size, slots)
+        test_acc = (slot_accuracy(predict, test_images, test_labels, recipe.eval_batch_size, slots)
                     if test_images is not None and test_labels is not None else None)
         seconds += epoch_seconds
         records = []
@@ -354,9 +353,9 @@ def fit(*, model: nn.Module, step_fn: StepFn, recipe: Recipe, train_images: torc
             record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_acc": accuracy_train[s],
                       "images_per_second": seen / epoch_seconds}
             record.update({f"train_{k}": v / seen for k, v in zip(sums, epoch_sums[s]) if _logged(k, s, slot_terms)})
-            record["val_acc"] = val_acc[s] if len(val_acc) > 1 else val_acc[0]
+            record["val_acc"] = val_acc[s]
             if test_acc is not None:
-                record["test_acc"] = test_acc[s] if len(test_acc) > 1 else test_acc[0]
+                record["test_acc"] = test_acc[s]
             histories[s].append(record)
             records.append(record)
             # Step = the 0-based epoch index, shared with the per-epoch images (MLflow opens an

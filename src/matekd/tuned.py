@@ -31,10 +31,10 @@ def allowed_keys(method: Method) -> set[str]:
     return {param_key(name) for name in method.tunable}
 
 
-def load_tuned_values(method: Method, root: Path = Path(".")) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_tuned_values(method: Method) -> tuple[dict[str, Any], dict[str, Any]]:
     """({dotted key: value}, metadata incl. `path`) of a method's tuned values; a missing file is
     refused with the command that makes it, and a value of another method is refused too."""
-    path = tuned_values_path(method.name, root)
+    path = tuned_values_path(method.name)
     if not path.is_file():
         raise ParamsError(f"ablation.tuned is true but {path} is missing: run `matekd tune --method {method.name}` "
                           f"(then commit {path}), or set ablation.tuned: false")
@@ -56,12 +56,12 @@ def load_tuned_values(method: Method, root: Path = Path(".")) -> tuple[dict[str,
     return dict(values), meta
 
 
-def write_tuned_values(method: Method, values: dict[str, Any], meta: dict[str, Any], root: Path = Path(".")) -> Path:
+def write_tuned_values(method: Method, values: dict[str, Any], meta: dict[str, Any]) -> Path:
     """Write a method's best values (dotted keys) atomically; only its own tunable keys."""
     foreign = sorted(set(values) - allowed_keys(method))
     if foreign:
         raise ParamsError(f"refusing to write {', '.join(foreign)} as tuned values of {method.name}")
-    path = tuned_values_path(method.name, root)
+    path = tuned_values_path(method.name)
     header = (f"# Tuned values of {method.name}, written by `matekd tune --method {method.name}`.\n"
               "# Used by the ablation when ablation.tuned: true. Commit this file.\n")
     body = {"method": method.name, **meta, "values": {k: values[k] for k in sorted(values)}}

@@ -21,7 +21,6 @@ keeping into `pack-<k>.tar.gz` bins:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import tarfile
@@ -66,16 +65,11 @@ class Unit:
 
     entries: list[Entry]
     links: dict[str, str]   # arcname -> the arcname it is a hard link to (same content)
-    size: int               # bytes on disk of the stored files
     estimate: int           # bytes it adds to a pack: compressed, headers and links included
 
     @property
     def priority(self) -> int:
         return min(e.priority for e in self.entries)
-
-    @property
-    def required(self) -> bool:
-        return any(e.required for e in self.entries)
 
     @property
     def arcname(self) -> str:
@@ -98,7 +92,6 @@ class LeftOut:
 class Plan:
     bins: list[list[Unit]]
     left_out: list[LeftOut]
-    capacity: int      # the per-pack capacity the plan was made with
 
 
 @dataclass
@@ -119,19 +112,13 @@ def compressed_size(path: Path, level: int = _COMPRESS_LEVEL) -> int:
     return total + len(deflate.flush())
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(MIB):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def build_units(entries: Iterable[Entry], estimate: Callable[[Path], int] = compressed_size,
                 dedup_min_bytes: int = DEDUP_MIN_BYTES) -> list[Unit]:
     """Entries joined into units: a bundle's entries, and entries whose content is identical
     (files of at least `dedup_min_bytes`), end in the same unit; within it the first copy of a
     content is stored and the later ones become hard links. Each unit carries its estimate."""
+    from ..storage import sha256_file  # here: it loads torch, which building the CLI parser must not
+
     entries = list(entries)
     names = [e.arcname for e in entries]
     if len(set(names)) != len(names):
@@ -159,7 +146,7 @@ def build_units(entries: Iterable[Entry], estimate: Callable[[Path], int] = comp
             continue
         first: dict[str, int] = {}
         for i in members:
-            digest = f"{size}:{_sha256(entries[i].source)}"
+            digest = f"{size}:{sha256_file(entries[i].source)}"
             content[i] = digest
             if digest in first:
                 join(i, first[digest])
@@ -180,16 +167,15 @@ def build_units(entries: Iterable[Entry], estimate: Callable[[Path], int] = comp
         members.sort(key=lambda i: (entries[i].priority, names[i]))
         stored: dict[str, str] = {}
         links: dict[str, str] = {}
-        size = packed = 0
+        packed = 0
         for i in members:
             if content[i] in stored:
                 links[names[i]] = stored[content[i]]
             else:
                 stored[content[i]] = names[i]
-                size += sizes[i]
                 packed += estimate(entries[i].source)
             packed += TAR_MEMBER_OVERHEAD
-        units.append(Unit([entries[i] for i in members], links, size, packed))
+        units.append(Unit([entries[i] for i in members], links, packed))
     return units
 
 
@@ -240,7 +226,7 @@ def plan_packs(units: Sequence[Unit], *, max_packs: int, file_limit: int = FILE_
         raise PackError(f"cannot pack the required outputs within {max_packs} file(s) of at most "
                         f"{_mib(file_limit)} ({_mib(total_limit)} in all): " + "; ".join(impossible[:5]) +
                         (f"; and {len(impossible) - 5} more" if len(impossible) > 5 else ""))
-    return Plan(bins, left_out, capacity)
+    return Plan(bins, left_out)
 
 
 def _add_unit(tar: tarfile.TarFile, unit: Unit) -> None:

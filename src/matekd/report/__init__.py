@@ -8,55 +8,22 @@ t-intervals over seeds (report.statistics), the departures from the paper settin
 """
 
 from .document import build_report
-from .formatting import markdown_table
-from .inputs import Inputs, load_inputs, per_model_summary, safetensors_metadata
-from .overlays import corruption_overlay, epoch_overlay, weight_overlay
+from .inputs import load_inputs, per_model_summary
 from .paper import shortcuts
-from .statistics import NO_INTERVAL, Interval, format_interval, t_interval
-from .tables import (
-    REFERENCE_METHOD,
-    ablation_runs,
-    ablation_summary,
-    corruption_frame,
-    histogram_mean_weights,
-    method_order,
-    method_values,
-    model_frame,
-    paired_differences,
-    robustness_groups,
-    run_weighting,
-    severity_frame,
-    weight_evolution,
-    weighting_frame,
-)
+from .statistics import NO_INTERVAL, format_interval, t_interval
+from .tables import ablation_summary, histogram_mean_weights, paired_differences, run_weighting, weight_evolution
 
 __all__ = [
     "NO_INTERVAL",
-    "REFERENCE_METHOD",
-    "Inputs",
-    "Interval",
-    "ablation_runs",
     "ablation_summary",
     "build_report",
-    "corruption_frame",
-    "corruption_overlay",
-    "epoch_overlay",
     "format_interval",
     "histogram_mean_weights",
     "load_inputs",
-    "markdown_table",
-    "method_order",
-    "method_values",
-    "model_frame",
     "paired_differences",
     "per_model_summary",
-    "robustness_groups",
     "run_weighting",
-    "safetensors_metadata",
-    "severity_frame",
     "shortcuts",
     "t_interval",
     "weight_evolution",
-    "weight_overlay",
-    "weighting_frame",
 ]

@@ -25,7 +25,7 @@ import pandas as pd
 from .. import methods as method_table
 from ..corruptions import EXTRA_4 as EXTRA_CORRUPTIONS
 from ..corruptions import STANDARD_15 as STANDARD_CORRUPTIONS
-from ..params import CIFAR_PER_CLASS_TEST, CIFAR_PER_CLASS_TRAIN, Params
+from ..params import CIFAR_PER_CLASS_TEST, Params
 from ..paths import method_inputs_path
 from ..storage import write_text
 from ..tracking import git_state
@@ -115,7 +115,7 @@ def build_report(inputs: Inputs, params: Params, out: Path) -> dict[str, Any]:
     labels = data_labels(inputs, params)
     frame = model_frame(inputs, params)
     runs = ablation_runs(frame)
-    cuts = shortcuts(params, [str(d) for d in frame["device"].dropna()] if "device" in frame else ())
+    cuts = shortcuts(params, [str(d) for d in frame["device"].dropna()])
     doc = _Doc()
     missing = list(inputs.problems) + labels.notes + _missing_inputs(inputs, params, frame)
     doc.md.append(f"# MATE-KD results ({labels.heading()})\n")
@@ -141,7 +141,7 @@ def build_report(inputs: Inputs, params: Params, out: Path) -> dict[str, Any]:
 
 def _setup_section(doc: _Doc, inputs: Inputs, params: Params, labels: Labels, cuts: list[str]) -> None:
     d, c = params.data, params.corrupt
-    train = d.train_per_class if d.train_per_class is not None else CIFAR_PER_CLASS_TRAIN - d.val_per_class
+    train = d.train_images_per_class
     test = d.test_per_class if d.test_per_class is not None else CIFAR_PER_CLASS_TEST
     evaluated = sorted({int(e["test_images"]) for e in inputs.evals.values() if e.get("test_images") is not None})
     c_images = sorted({int(e["cifar10c_images_per_severity"]) for e in inputs.evals.values()
@@ -327,8 +327,7 @@ def _robustness_sections(doc: _Doc, frame: pd.DataFrame, runs: pd.DataFrame, inp
     header = [f"{name} (mean of {n})" if n > 1 else name for name, n in sizes.items()]
     per_model_c = corruption_frame(inputs.evals, evaluated)
     per_c = grouped_mean(per_model_c, groups)
-    doc.md.append(markdown_table(["corruption", *header],
-                                 [[i, *(percent(v) for v in per_c.loc[i])] for i in per_c.index]))
+    doc.md.append(_percent_table("corruption", per_c, header))
     doc.md.append("\nMethods: mean over their ablation seeds (each model's numbers are in results.csv, table "
                   "`robustness`). – : corruption not evaluated. Extra corruptions (speckle_noise, gaussian_blur, "
                   "spatter, saturate) are outside the 15-corruption benchmark mean.\n")
@@ -344,13 +343,11 @@ def _robustness_sections(doc: _Doc, frame: pd.DataFrame, runs: pd.DataFrame, inp
     doc.md.append(f"\n## 4. Robustness per severity: mean over the standard corruptions (%) ({labels.heading()})\n")
     per_model_s = severity_frame(inputs.evals, evaluated)
     per_s = grouped_mean(per_model_s, groups)
-    doc.md.append(markdown_table(["severity", *header],
-                                 [[i, *(percent(v) for v in per_s.loc[i])] for i in per_s.index]))
+    doc.md.append(_percent_table("severity", per_s, header))
     per_s_all = grouped_mean(severity_frame(inputs.evals, evaluated, "all"), groups)
     doc.md.append("\nMean over all evaluated corruptions (incl. the extras) per severity (%) "
                   f"({labels.heading()}):\n\n")
-    doc.md.append(markdown_table(["severity", *header],
-                                 [[i, *(percent(v) for v in per_s_all.loc[i])] for i in per_s_all.index]))
+    doc.md.append(_percent_table("severity", per_s_all, header))
     for model in evaluated:
         for i in per_model_s.index:
             doc.number("severity", model, "clean" if i == "clean" else f"severity{i}", per_model_s.loc[i, model])
@@ -358,6 +355,11 @@ def _robustness_sections(doc: _Doc, frame: pd.DataFrame, runs: pd.DataFrame, inp
     lines_figure(per_s, "severity", "accuracy (%)",
                  f"Accuracy per severity, mean over the standard corruptions; methods: mean over ablation seeds "
                  f"({labels.heading()})", figures / "severity-accuracy.png")
+
+
+def _percent_table(first: str, frame: pd.DataFrame, header: list[str]) -> str:
+    """Accuracies as a markdown table in percent: a `first` column of the index, then `header`."""
+    return markdown_table([first, *header], [[i, *(percent(v) for v in frame.loc[i])] for i in frame.index])
 
 
 def _gradcam_section(doc: _Doc, inputs: Inputs, labels: Labels) -> None:

@@ -13,21 +13,13 @@ import pandas as pd
 
 from .. import methods as method_table
 from ..corruptions import EXTRA_4 as EXTRA_CORRUPTIONS
+from ..plotting import png_bytes, pyplot
 from .statistics import t_interval
 from .tables import method_order
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _figure(width: float, height: float, ncols: int = 1, **kwargs):
-    plt = _pyplot()
+    plt = pyplot()
     return plt.subplots(1, ncols, figsize=(width, height), dpi=100, layout="constrained", squeeze=False, **kwargs)
 
 
@@ -46,15 +38,12 @@ def _legend_outside(ax, **kwargs) -> None:
 
 
 def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.savefig(path, format="png")
-    plt.close(fig)
+    path.write_bytes(png_bytes(fig))
 
 
 def _colours(names: Sequence[str]) -> dict[str, Any]:
     """One colour per method, fixed by its place in the method table (stable across figures)."""
-    plt = _pyplot()
+    plt = pyplot()
     cmap = plt.get_cmap("tab10")
     known = list(method_table.METHODS)
     return {n: cmap((known.index(n) if n in known else len(known) + i) % 10) for i, n in enumerate(names)}
@@ -77,11 +66,11 @@ def methods_figure(runs: pd.DataFrame, title: str, path: Path) -> None:
             offsets = np.linspace(-0.15, 0.15, int(ok.sum())) if ok.sum() > 1 else np.zeros(1)
             ax.scatter(x + offsets, values[ok], s=14, color=colours[method], alpha=0.7, zorder=3,
                        label="one seed" if x == 0 else None)
-            iv = t_interval(values[ok] / 100)
-            ax.hlines(100 * iv.mean, x - 0.3, x + 0.3, color="black", linewidth=1.5, zorder=4,
+            iv = t_interval(values[ok])
+            ax.hlines(iv.mean, x - 0.3, x + 0.3, color="black", linewidth=1.5, zorder=4,
                       label="mean" if x == 0 else None)
             if iv.has_interval:
-                ax.errorbar(x + 0.33, 100 * iv.mean, yerr=100 * iv.half_width, fmt="none", ecolor="black",
+                ax.errorbar(x + 0.33, iv.mean, yerr=iv.half_width, fmt="none", ecolor="black",
                             capsize=3, linewidth=1, zorder=4, label="95% t-interval" if x == 0 else None)
         ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(label, fontsize=8)
@@ -122,8 +111,7 @@ def corruption_heatmap(frame: pd.DataFrame, title: str, path: Path) -> None:
     _save(fig, path)
 
 
-def lines_figure(frame: pd.DataFrame, xlabel: str, ylabel: str, title: str, path: Path, scale: float = 100.0,
-                 reference: float | None = None) -> None:
+def lines_figure(frame: pd.DataFrame, xlabel: str, ylabel: str, title: str, path: Path, scale: float = 100.0) -> None:
     """One line per column of `frame` over its (ordered) index; legend outside the axes. Methods
     keep their table colour; other series (teachers) are grey shades, dashed."""
     fig, axes = _figure(6.5, 3.6)
@@ -136,8 +124,6 @@ def lines_figure(frame: pd.DataFrame, xlabel: str, ylabel: str, title: str, path
                  {"color": str(0.2 + 0.5 * others.index(column) / max(len(others), 1)), "linestyle": "--"})
         ax.plot(range(len(frame.index)), scale * series.to_numpy(dtype=float), linewidth=1.2, label=str(column),
                 **_marker(len(frame.index)), **style)
-    if reference is not None:
-        ax.axhline(scale * reference, color="grey", linestyle="--", linewidth=1, label="equal weights")
     step = max(1, len(frame.index) // 12)
     ax.set_xticks(range(0, len(frame.index), step), [str(i) for i in frame.index[::step]], fontsize=7)
     ax.set(xlabel=xlabel, ylabel=ylabel)

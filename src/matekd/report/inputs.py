@@ -6,8 +6,6 @@ Unreadable files become entries of `Inputs.problems`, listed in the report."""
 
 from __future__ import annotations
 
-import json
-import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,10 +15,9 @@ from typing import Any
 import pandas as pd
 
 from ..errors import MatekdError
-from ..paths import METHOD_INPUTS_DIR, SUMMARY_METRICS, student_paths
-from ..storage import read_json
+from ..paths import EVAL_DIR, METHOD_INPUTS_DIR, SUMMARY_METRICS, student_paths
+from ..storage import read_json, read_safetensors_metadata
 
-ABLATION_NAME = re.compile(r"^(?P<method>.+)-seed(?P<seed>\d+)$")    # outputs of ablation@<method>-<seed>
 DISTILL_OUTPUT = "distill"                                              # the output of the configured run
 
 
@@ -53,14 +50,6 @@ def _read(path: Path, problems: list[str]) -> Any:
         return None
 
 
-def safetensors_metadata(path: Path) -> dict[str, str]:
-    """The `__metadata__` strings of a safetensors file, read from its header only."""
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    return dict(header.get("__metadata__") or {})
-
-
 def per_model_summary(content: Any) -> dict[str, dict]:
     """metrics/summary.json as {model: {metric: number}}, from either a nested mapping or flat
     `<model>/<metric>` keys."""
@@ -79,16 +68,12 @@ def per_model_summary(content: Any) -> dict[str, dict]:
 def load_inputs(root: Path = Path(".")) -> Inputs:
     """Read every metric/plot file; unreadable files become entries of `problems`."""
     found = Inputs()
-    for path in sorted((root / "metrics" / "teachers").glob("*.json")):
-        if (entry := _read(path, found.problems)) is not None:
-            found.teachers[path.stem] = entry
-    for path in sorted((root / "metrics" / "student").glob("*.json")):
-        if (entry := _read(path, found.problems)) is not None:
-            found.students[path.stem] = entry
-    for path in sorted((root / METHOD_INPUTS_DIR).glob("*.json")):
-        if (entry := _read(path, found.problems)) is not None:
-            found.method_inputs[path.stem] = entry
-    for path in sorted((root / "metrics" / "eval").glob("*.json")):
+    for folder, by_stem in (("metrics/teachers", found.teachers), ("metrics/student", found.students),
+                            (METHOD_INPUTS_DIR, found.method_inputs)):
+        for path in sorted((root / folder).glob("*.json")):
+            if (entry := _read(path, found.problems)) is not None:
+                by_stem[path.stem] = entry
+    for path in sorted((root / EVAL_DIR).glob("*.json")):
         entry = _read(path, found.problems)
         if entry is None:
             continue
@@ -96,7 +81,7 @@ def load_inputs(root: Path = Path(".")) -> Inputs:
             found.gradcam[path.stem.removeprefix("gradcam-")] = entry
         else:
             found.evals[entry.get("model", path.stem)] = entry
-    for path in sorted((root / "metrics" / "eval").glob("gradcam-*.png")):
+    for path in sorted((root / EVAL_DIR).glob("gradcam-*.png")):
         found.gradcam_png[path.stem.removeprefix("gradcam-")] = path
     if (root / SUMMARY_METRICS).is_file():
         found.summary = per_model_summary(_read(root / SUMMARY_METRICS, found.problems))
@@ -113,7 +98,7 @@ def load_inputs(root: Path = Path(".")) -> Inputs:
     weights = student_paths(DISTILL_OUTPUT, root)["weights"]
     if weights.is_file():
         try:
-            found.student_meta[DISTILL_OUTPUT] = safetensors_metadata(weights)
+            found.student_meta[DISTILL_OUTPUT] = read_safetensors_metadata(weights)
         except (OSError, ValueError, struct.error) as exc:
             found.problems.append(f"unreadable: {weights} header ({exc})")
     return found

@@ -10,6 +10,7 @@ from .. import methods as method_table
 from ..corruptions import EXTRA_4 as EXTRA_CORRUPTIONS
 from ..corruptions import STANDARD_15 as STANDARD_CORRUPTIONS
 from ..params import CIFAR_PER_CLASS_TEST, CIFAR_PER_CLASS_TRAIN, Params, Recipe
+from .formatting import yaml_value
 
 CLASSES = 10                                   # CIFAR-10
 
@@ -75,22 +76,17 @@ def _recipe_shortcuts(recipes: Mapping[str, Recipe]) -> list[str]:
         out.append(f"{kind} batches: {who} batch {batch} with learning rate {lr:g} "
                    f"(paper: batch {paper['batch_size']}, lr {paper['lr']:g}; {rule})")
     for key, label in (("momentum", "momentum"), ("weight_decay", "weight decay"), ("schedule", "schedule")):
-        differ = [(who, f"{getattr(r, key):g}" if isinstance(getattr(r, key), float) else str(getattr(r, key)))
-                  for who, r in recipes.items() if getattr(r, key) != paper[key]
-                  and not (isinstance(paper[key], float) and math.isclose(getattr(r, key), paper[key]))]
+        want = paper[key]
+        differ = [(who, yaml_value(value)) for who, r in recipes.items() if (value := getattr(r, key)) != want
+                  and not (isinstance(want, float) and math.isclose(value, want))]
         if differ:
-            out.append(f"{label}: {listing(differ)} (paper: {paper[key]:g})" if isinstance(paper[key], float)
-                       else f"{label}: {listing(differ)} (paper: {paper[key]})")
+            out.append(f"{label}: {listing(differ)} (paper: {yaml_value(want)})")
     plain = [who for who, r in recipes.items() if not r.nesterov]
     if plain:
         out.append(f"plain (not Nesterov) momentum: {', '.join(plain)}")
     warm = [(who, f"{r.warmup_epochs:g} epoch(s)") for who, r in recipes.items() if r.warmup_epochs > 0]
     if warm:
         out.append(f"linear learning-rate warm-up: {listing(warm)} (not in the paper recipe)")
-    # Not a params key today; named here so that a recipe gaining it is reported, not hidden.
-    smooth = [(who, f"{value:g}") for who, r in recipes.items() if (value := getattr(r, "label_smoothing", 0) or 0)]
-    if smooth:
-        out.append(f"label smoothing: {listing(smooth)} (not in the paper recipe)")
     return out
 
 
@@ -98,7 +94,7 @@ def _data_shortcuts(params: Params) -> list[str]:
     out: list[str] = []
     d, c = params.data, params.corrupt
     paper_train = CIFAR_PER_CLASS_TRAIN - PAPER_VAL_PER_CLASS
-    train = d.train_per_class if d.train_per_class is not None else CIFAR_PER_CLASS_TRAIN - d.val_per_class
+    train = d.train_images_per_class
     if train != paper_train:
         kind = "training subset" if train < paper_train else "larger training split"
         out.append(f"{kind}: {train:,} images per class ({CLASSES * train:,} instead of {CLASSES * paper_train:,})")

@@ -17,9 +17,9 @@ import pandas as pd
 from .. import methods as method_table
 from ..corruptions import EXTRA_4 as EXTRA_CORRUPTIONS
 from ..corruptions import STANDARD_15 as STANDARD_CORRUPTIONS
-from ..params import Params
-from ..paths import method_inputs_path
-from .inputs import ABLATION_NAME, DISTILL_OUTPUT, Inputs
+from ..params import Params, flatten
+from ..paths import method_inputs_path, parse_ablation_output
+from .inputs import DISTILL_OUTPUT, Inputs
 from .statistics import as_float, is_missing, t_interval
 
 REFERENCE_METHOD = "mate_kd"    # the method under test: paired differences are it minus each baseline
@@ -33,9 +33,9 @@ def method_order(present: Iterable[str]) -> list[str]:
 
 def _student_method(output: str, inputs: Inputs, params: Params) -> tuple[str | None, str]:
     """The method of a student output and where it came from."""
-    match = ABLATION_NAME.match(output)
-    if match:
-        return match["method"], "output name"
+    parsed = parse_ablation_output(output)
+    if parsed:
+        return parsed[0], "output name"
     for source, entry in (("metrics", inputs.students.get(output)), ("evaluate", inputs.evals.get(f"student-{output}")),
                           ("weights metadata", inputs.student_meta.get(output))):
         if entry and isinstance(entry.get("method"), str):
@@ -65,11 +65,11 @@ def model_frame(inputs: Inputs, params: Params) -> pd.DataFrame:
         name = f"student-{output}"
         train = inputs.students.get(output, {})
         row = _row(name, "student", train, inputs.evals.get(name), inputs.summary.get(name))
-        match = ABLATION_NAME.match(output)
+        parsed = parse_ablation_output(output)
         row["method"], row["method_source"] = _student_method(output, inputs, params)
-        row.update(output=output, ablation=bool(match))
-        if match:
-            row["seed"] = int(match["seed"])
+        row.update(output=output, ablation=parsed is not None)
+        if parsed:
+            row["seed"] = parsed[1]
         elif is_missing(row.get("seed")) and output == DISTILL_OUTPUT:
             row["seed"] = params.distill.seed
         rows.append(row)
@@ -151,22 +151,13 @@ def paired_differences(runs: pd.DataFrame, metric: str, reference: str = REFEREN
     return pd.DataFrame(rows, columns=columns)
 
 
-def _flat_numbers(tree: Any, prefix: str = "") -> dict[str, float]:
-    out: dict[str, float] = {}
-    if isinstance(tree, Mapping):
-        for key, value in tree.items():
-            out.update(_flat_numbers(value, f"{prefix}{key}."))
-    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
-        out[prefix[:-1]] = float(tree)
-    return out
-
-
 def run_weighting(metrics: Mapping | None, history: pd.DataFrame | None) -> dict[str, Any]:
     """One student's teacher-weight summary: entropy relative to uniform at the last epoch
     (metrics `weighting.entropy_relative`, nested or flat, else the history's last row), its
     mean over all epochs (history; from train_entropy / log K when the relative column is absent),
     and the last epoch's mean weight per teacher."""
-    flat = _flat_numbers(metrics or {})
+    flat = {key: float(value) for key, value in flatten(metrics or {}).items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
     final = flat.get("weighting.entropy_relative", math.nan)
     weights = {key.removeprefix("weighting.weight_mean."): v for key, v in flat.items()
                if key.startswith("weighting.weight_mean.")}

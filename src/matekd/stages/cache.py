@@ -20,8 +20,14 @@ from .context import stage
 
 
 def logged_params(params: Params, name: str) -> dict:
-    return {"teacher": name, **flatten({"cache": params.cache.model_dump(mode="json")}),
-            "distill.teacher_signals": params.distill.teacher_signals}
+    out = {"teacher": name, **flatten({"cache": params.cache.model_dump(mode="json")}),
+           "distill.teacher_signals": params.distill.teacher_signals}
+    if params.distill.teacher_signals == "cached" and params.cache.logit_variants == "used":
+        # cache.used_variants: the students' seeds and epochs choose which variants get logits
+        out.update({"distill.seed": params.distill.seed, "distill.data_seed": params.distill.data_seed,
+                    "distill.recipe.epochs": params.distill.recipe.epochs,
+                    "ablation.seeds": ",".join(map(str, params.ablation.seeds))})
+    return out
 
 
 def run_cache(params: Params, name: str, prepared_dir: str | Path = "prepared") -> dict:

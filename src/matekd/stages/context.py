@@ -23,6 +23,28 @@ class StageContext:
     run: NullRun
 
 
+def prepare_device(params: Params, seed: int | None = None) -> torch.device:
+    """The stage's device, with torch seeded and its kernels chosen (deterministic or not)."""
+    device = resolve_device(params.device)
+    configure_determinism(params.seed if seed is None else seed, params.deterministic)
+    return device
+
+
+def stage_tags(params: Params, device: torch.device, data_hash: str | None) -> dict[str, Any]:
+    """The tags every tracked run of a stage carries."""
+    return {"profile": params.profile, "device": device_name(device), "params_sha256": params.digest(),
+            "dataset_sha256": data_hash or "none"}
+
+
+def tracked_run(params: Params, *, run_name: str, stage: str, log_params: dict[str, Any], tags: dict[str, Any],
+                parent_run_id: str | None = None):
+    """A tracked run (MLflow, offline or none, as params.tracking and MATEKD_TRACKING say)."""
+    tracking = params.tracking
+    return start_run(enabled=tracking.enabled, mode=tracking.mode, offline_dir=tracking.offline_dir,
+                     experiment=tracking.experiment, run_name=run_name, stage=stage, params=log_params, tags=tags,
+                     parent_run_id=parent_run_id)
+
+
 @contextlib.contextmanager
 def stage(params: Params, *, name: str, run_name: str, log_params: dict[str, Any], data_hash: str | None = None,
           tags: dict[str, Any] | None = None, seed: int | None = None, parent_run_id: str | None = None
@@ -30,14 +52,10 @@ def stage(params: Params, *, name: str, run_name: str, log_params: dict[str, Any
     """Seed and configure torch, then open the stage's run (a no-op run when tracking is off).
 
     `log_params` are the params the stage actually uses (flat dotted params.yaml keys)."""
-    device = resolve_device(params.device)
-    configure_determinism(params.seed if seed is None else seed, params.deterministic)
-    all_tags = {"profile": params.profile, "device": device_name(device), "params_sha256": params.digest(),
-                "dataset_sha256": data_hash or "none", **(tags or {})}
-    with start_run(enabled=params.tracking.enabled, mode=params.tracking.mode,
-                   offline_dir=params.tracking.offline_dir, experiment=params.tracking.experiment,
-                   run_name=run_name, stage=name, params=log_params, tags=all_tags,
-                   parent_run_id=parent_run_id) as run:
+    device = prepare_device(params, seed)
+    all_tags = {**stage_tags(params, device, data_hash), **(tags or {})}
+    with tracked_run(params, run_name=run_name, stage=name, log_params=log_params, tags=all_tags,
+                     parent_run_id=parent_run_id) as run:
         run.log_dict(params.model_dump(mode="json"), "config/params.json")
         yield StageContext(params=params, device=device, run=run)
 

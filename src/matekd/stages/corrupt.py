@@ -44,7 +44,7 @@ def run_corrupt(params: Params, prepared_dir: str | Path = "prepared", out_dir: 
         labels_all, np.random.default_rng([cp.seed, 0xC10C]), (cp.images_per_class,),
         ("corrupt.images_per_class",))[0]
     images = np.ascontiguousarray(np.asarray(prepared.test_images)[subset])
-    labels = np.asarray(prepared.test_labels)[subset]
+    labels = labels_all[subset]
     test_index = np.asarray(prepared.test_index, dtype=np.int64)[subset]
     if images.dtype != np.uint8 or images.shape[1:] != IMAGE_SHAPE:
         raise DataError(f"prepared test images must be uint8 (N, 32, 32, 3), got {images.dtype} {images.shape}")
@@ -68,12 +68,13 @@ def run_corrupt(params: Params, prepared_dir: str | Path = "prepared", out_dir: 
         else:
             written = write_regenerated(images, names, cp.seed, resolve_frost_dir(cp.frost_dir), build,
                                          manifest, progress, workers=cp.workers)
-        np.save(build / "labels.npy", np.tile(labels.astype(np.uint8), 5), allow_pickle=False)
+        labels_5n = np.tile(labels.astype(np.uint8), 5)      # one block per severity
+        np.save(build / "labels.npy", labels_5n, allow_pickle=False)
         manifest["corruptions"] = written
         manifest["standard_15_complete"] = all(c in written for c in STANDARD_15)
         manifest["extra_4_complete"] = all(c in written for c in EXTRA_4)
         manifest["array_sha256"] = {name: sha256_file(build / f"{name}.npy") for name in written}
-        manifest["labels_sha256"] = sha256_array(np.tile(labels.astype(np.uint8), 5))
+        manifest["labels_sha256"] = sha256_array(labels_5n)
         write_json(build / "manifest.json", manifest)
         ctx.run.set_tags({"cifar10c": manifest["label"], "frost": "skipped" if manifest["skipped"] else "used"})
         ctx.run.log_metrics({f"seconds/{k}": v for k, v in manifest["seconds"].items()})

@@ -15,7 +15,6 @@ Every student has its own tracked run, with the params it used and every loss te
 from __future__ import annotations
 
 import contextlib
-import json
 import multiprocessing as mp
 import shutil
 import sys
@@ -31,7 +30,7 @@ from ..errors import MatekdError, ParamsError
 from ..models import count_parameters, model_size_mb
 from ..params import Params, validate_params
 from ..paths import GROUP_STORE_DIR, student_paths
-from ..storage import atomic_path, load_tensors, read_json, save_tensors, write_history_csv, write_json
+from ..storage import atomic_path, read_json, read_safetensors_metadata, save_tensors, write_history_csv, write_json
 from ..students import (
     StudentRun,
     StudentSpec,
@@ -46,9 +45,9 @@ from ..students import (
     train_students,
     weighting_summary,
 )
-from ..tracking import ModelBuilder, start_run
-from ..train import assign_round_robin, configure_determinism, device_name, resolve_device, visible_devices
-from .context import log_prepared_input
+from ..tracking import ModelBuilder
+from ..train import assign_round_robin, configure_determinism, device_name, visible_devices
+from .context import log_prepared_input, prepare_device, stage_tags, tracked_run
 
 COMPLETE = "complete.json"
 
@@ -96,9 +95,8 @@ def _final_metrics(metrics: dict) -> dict[str, float]:
 
 def _student_tags(spec: StudentSpec, kind: str, params: Params, data: Prepared, device: torch.device,
                   group: dict[str, Any] | None) -> dict[str, Any]:
-    tags = {"method": spec.method.name, "seed": spec.seed, "output": spec.output, "run_kind": kind,
-            "profile": params.profile, "device": device_name(device), "params_sha256": params.digest(),
-            "dataset_sha256": data.manifest_hash, "tuned": str(spec.tuned_from is not None).lower(),
+    tags = {**stage_tags(params, device, data.manifest_hash), "method": spec.method.name, "seed": spec.seed,
+            "output": spec.output, "run_kind": kind, "tuned": str(spec.tuned_from is not None).lower(),
             "hyperparameters": hyperparameter_label(spec)}
     if group:
         tags.update({f"group.{k}": v for k, v in group.items()})
@@ -109,13 +107,11 @@ def train_and_write(params: Params, specs: Sequence[StudentSpec], kind: str, dat
                     root: Path, checkpoint: Path | None, progress: bool, group: dict[str, Any] | None = None
                     ) -> list[dict]:
     """Train `specs` together, each logged to its own run, and write their outputs under `root`."""
-    tracking = params.tracking
     teachers = {s.output: spec_teachers(s, params) for s in specs}
     with contextlib.ExitStack() as stack:
-        runs = [stack.enter_context(start_run(
-            enabled=tracking.enabled, mode=tracking.mode, offline_dir=tracking.offline_dir,
-            experiment=tracking.experiment, run_name=run_name(spec, kind), stage=kind,
-            params=logged_params(spec, params, teachers[spec.output]),
+        runs = [stack.enter_context(tracked_run(
+            params, run_name=run_name(spec, kind), stage=kind,
+            log_params=logged_params(spec, params, teachers[spec.output]),
             tags=_student_tags(spec, kind, params, data, device, group))) for spec in specs]
         for run in runs:
             log_prepared_input(run, data)
@@ -183,7 +179,7 @@ def materialise(spec: StudentSpec, store: Path, root: Path = Path(".")) -> dict:
         # retrains its group) needs nothing from the store.
         weights = student_paths(member, root)["weights"]
         if not (store / f"{member}.written").exists() and weights.is_file() \
-                and load_tensors(weights)[1].get("group_digest") == complete["digest"]:
+                and read_safetensors_metadata(weights).get("group_digest") == complete["digest"]:
             (store / f"{member}.written").touch()
     if all((store / f"{m}.written").exists() for m in complete["members"]):
         shutil.rmtree(store, ignore_errors=True)
@@ -200,10 +196,9 @@ def run_distill(params: Params, method: str | None = None, seed: int | None = No
     method = method or params.distill.method
     seed = params.distill.seed if seed is None else seed
     data = load_prepared(prepared_dir)
-    device = resolve_device(params.device)
+    device = prepare_device(params, seed)
     if not ablation:
         spec = resolve_spec(params, method, seed, output_name or "distill", tuned=False)
-        configure_determinism(seed, params.deterministic)
         checkpoint = student_paths(spec.output)["checkpoint"]
         return train_and_write(params, [spec], "distill", data, device, Path("."), checkpoint, progress)[0]
     if method not in params.ablation.methods or seed not in params.ablation.seeds:
@@ -213,7 +208,6 @@ def run_distill(params: Params, method: str | None = None, seed: int | None = No
     spec = next(s for s in specs if s.method.name == method and s.seed == seed)
     if output_name and output_name != spec.output:
         raise ParamsError(f"--output-name {output_name}: an ablation run writes {spec.output}")
-    configure_determinism(seed, params.deterministic)
     if params.ablation.group_size == 1:
         checkpoint = student_paths(spec.output)["checkpoint"]
         return train_and_write(params, [spec], "ablation", data, device, Path("."), checkpoint, progress)[0]
@@ -293,6 +287,3 @@ def _spawn(params_dump: dict, jobs: list[tuple[str, list[list[str]]]], prepared_
         raise MatekdError(f"ablation worker(s) failed: {'; '.join(messages) or ', '.join(failed)}. Finished groups are "
                           "kept; rerun `matekd ablation` to train the rest")
 
-
-def describe(result: dict) -> str:
-    return json.dumps({k: result.get(k) for k in ("model", "method", "seed", "val_acc", "test_acc")})

@@ -18,10 +18,10 @@ from torch import nn
 
 from ..augment import to_device_tensor
 from ..cifar10c import load_corrupted
+from ..corruptions import SEVERITIES
 from ..data.prepared import load_prepared
 from ..distill import final_tau
 from ..evaluation import (
-    SEVERITIES,
     cams_in_batches,
     corruption_digest,
     corruption_label,
@@ -31,7 +31,6 @@ from ..evaluation import (
     gradcam_agreement,
     gradcam_figure,
     load_student,
-    png_bytes,
     stratified_order,
     summarise_corruption,
     to_json_safe,
@@ -39,11 +38,11 @@ from ..evaluation import (
 from ..models import count_parameters, model_size_mb
 from ..params import Params, flatten
 from ..paths import EVAL_DIR, SUMMARY_METRICS
+from ..plotting import png_bytes
 from ..storage import atomic_dir, write_json
 from ..teachers import load_teacher
-from ..tracking import start_run
 from ..train import device_labels, device_name
-from .context import stage
+from .context import stage, tracked_run
 
 SUMMARY_KEYS = {"test_acc": ("test_acc",), "cifar10c_mean15": ("cifar10c", "standard_mean"),
                 "cifar10c_mean19": ("cifar10c", "all_mean")}
@@ -72,7 +71,7 @@ def run_evaluate(params: Params, prepared_dir: str | Path = "prepared", corrupte
         warnings.warn(f"{corrupted_dir} was built from other prepared data ({c_source[:12]}, now "
                       f"{data.manifest_hash[:12]}); rerun `dvc repro corrupt` for matching CIFAR-10-C",
                       stacklevel=2)
-    c_images = int(c_labels.shape[0]) // SEVERITIES
+    c_images = int(c_labels.shape[0]) // len(SEVERITIES)
     results: dict[str, dict] = {}
     with stage(params, name="evaluate", run_name="evaluate", data_hash=data.manifest_hash,
                tags={"dataset": data_label, "cifar10c": c_label}, log_params=logged_params(params)) as ctx:
@@ -118,8 +117,9 @@ def run_evaluate(params: Params, prepared_dir: str | Path = "prepared", corrupte
                 (tmp / f"gradcam-{name}.png").write_bytes(png)
         write_summary(root / SUMMARY_METRICS, results)
         gradcam_summaries = {n: g for n, (g, _) in gradcam.items()}
-        _log(ctx.run, root / EVAL_DIR, results, gradcam_summaries)
-        _log_per_model(params, ctx.run, results, gradcam_summaries, student_meta)
+        metrics = {name: model_metrics(entry, gradcam_summaries.get(name)) for name, entry in results.items()}
+        _log(ctx.run, root / EVAL_DIR, metrics)
+        _log_per_model(params, ctx.run, results, metrics, student_meta)
     return results
 
 
@@ -213,21 +213,18 @@ def model_metrics(entry: dict, gradcam: dict | None) -> dict[str, float]:
     return {k: v for k, v in values.items() if v is not None}
 
 
-def _log(run, folder: Path, results: dict[str, dict], gradcam: dict[str, dict]) -> None:
-    metrics: dict[str, float] = {}
-    for name, entry in results.items():
-        metrics.update({f"{name}/{k}": v for k, v in model_metrics(entry, gradcam.get(name)).items()})
-    run.log_metrics(metrics)
+def _log(run, folder: Path, metrics: dict[str, dict[str, float]]) -> None:
+    """The evaluate run: every model's metrics (model_metrics) as `<model>/<metric>`, and the files."""
+    run.log_metrics({f"{name}/{key}": value for name, values in metrics.items() for key, value in values.items()})
     for path in sorted(folder.iterdir()):
         run.log_artifact(path, "eval")
 
 
-def _log_per_model(params: Params, parent: Any, results: dict[str, dict], gradcam: dict[str, dict],
+def _log_per_model(params: Params, parent: Any, results: dict[str, dict], metrics: dict[str, dict[str, float]],
                    student_meta: dict[str, dict]) -> None:
     """One nested run per model (`eval <model>`, stage `evaluate-model`) holding its clean and
     CIFAR-10-C numbers, tagged with its method and seed and linked to its training run: the
     runs table then compares methods on robustness, row by row."""
-    tracking = params.tracking
     for name, entry in results.items():
         meta = student_meta.get(name, {})
         tags = {"model": name, "kind": entry["kind"], "dataset": entry["dataset"],
@@ -237,7 +234,6 @@ def _log_per_model(params: Params, parent: Any, results: dict[str, dict], gradca
             tags.update({"method": entry.get("method") or "", "seed": entry.get("seed"), "output": entry["output"],
                          "training_run_id": meta.get("mlflow_run_id", "")})
             logged.update({"distill.method": entry.get("method"), "distill.seed": entry.get("seed")})
-        with start_run(enabled=tracking.enabled, mode=tracking.mode, offline_dir=tracking.offline_dir,
-                       experiment=tracking.experiment, run_name=f"eval {name}", stage="evaluate-model",
-                       params=logged, tags=tags, parent_run_id=parent.run_id) as run:
-            run.log_metrics(model_metrics(entry, gradcam.get(name)))
+        with tracked_run(params, run_name=f"eval {name}", stage="evaluate-model", log_params=logged, tags=tags,
+                         parent_run_id=parent.run_id) as run:
+            run.log_metrics(metrics[name])

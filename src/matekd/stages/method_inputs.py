@@ -15,10 +15,10 @@ from typing import Any
 from .. import methods as method_table
 from ..errors import ParamsError
 from ..params import Params, flatten
-from ..paths import cache_path, method_inputs_path
-from ..storage import sha256_file, write_json
+from ..paths import method_inputs_path
+from ..storage import write_json
 from ..students import resolve_spec, spec_teachers
-from ..teachers import teacher_hashes
+from ..teachers import teacher_identity
 
 
 def method_inputs(params: Params, method: str) -> dict[str, Any]:
@@ -28,8 +28,7 @@ def method_inputs(params: Params, method: str) -> dict[str, Any]:
     row = method_table.get(method)
     d = spec.distill
     teachers = spec_teachers(spec, params)
-    reads_cache = row.needs_maps or (row.has_kd and d.teacher_signals == "cached")
-    weights = teacher_hashes(teachers)
+    identity = teacher_identity(teachers, row.reads_cache(d.teacher_signals))
     return {
         "method": method, "summary": row.summary, "weighting": row.weighting,
         "attribution_loss": row.attribution_loss,
@@ -38,8 +37,8 @@ def method_inputs(params: Params, method: str) -> dict[str, Any]:
         "student": d.student, "histogram_bins": d.histogram_bins, "data_seed": d.data_seed,
         "teacher_signals": d.teacher_signals if row.has_kd else None,
         "tuned": {"from": spec.tuned_from, "trials": spec.tuned_trials} if spec.tuned_from else None,
-        "teachers": {name: {"weights_sha256": weights[name],
-                            "cache_sha256": sha256_file(cache_path(name)) if reads_cache else None}
+        "teachers": {name: {"weights_sha256": identity["weights"][name],
+                            "cache_sha256": identity["caches"].get(name)}
                      for name in teachers},
     }
 

@@ -12,7 +12,7 @@ from ..params import Params, flatten
 from ..paths import REPORT_DIR
 from ..report import build_report, load_inputs
 from ..storage import atomic_dir
-from ..tracking import start_run
+from .context import tracked_run
 
 
 def run_report(params: Params, root: str | Path = ".") -> dict[str, Any]:
@@ -27,12 +27,10 @@ def run_report(params: Params, root: str | Path = ".") -> dict[str, Any]:
         summary = build_report(inputs, params, tmp)
     data_hash = next((e.get("dataset_sha256") for e in inputs.evals.values() if e.get("dataset_sha256")), None)
     # Not stages.context.stage: the report needs no device (params may name cuda on a CPU-only machine).
-    tracking = params.tracking
-    with start_run(enabled=tracking.enabled, mode=tracking.mode, offline_dir=tracking.offline_dir,
-                   experiment=tracking.experiment, run_name="report", stage="report",
-                   params={"profile": params.profile, **flatten({"ablation": params.ablation.model_dump(mode="json")})},
-                   tags={"profile": params.profile, "params_sha256": params.digest(),
-                         "dataset_sha256": data_hash or "none"}) as run:
+    logged = {"profile": params.profile, **flatten({"ablation": params.ablation.model_dump(mode="json")})}
+    with tracked_run(params, run_name="report", stage="report", log_params=logged,
+                     tags={"profile": params.profile, "params_sha256": params.digest(),
+                           "dataset_sha256": data_hash or "none"}) as run:
         run.log_dict(params.model_dump(mode="json"), "config/params.json")
         run.log_text("\n".join(summary["shortcuts"]) + "\n", "report/shortcuts.txt")
         run.log_artifact(out_dir / "results.md", "report")

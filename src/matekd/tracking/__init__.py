@@ -28,10 +28,9 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from . import _base  # noqa: F401  (tests replace _base._sleep and _base.now_ms)
-from ._base import OFF_SWITCH, NullRun, OfflineRunError, TrackingError, now_ms
+from ._base import NullRun, OfflineRunError, TrackingError
 from .context import git_state, installed_packages, process_identity, run_tags
-from .mlflow_store import MlflowRun, client_for, experiment_id, relocate_store
+from .mlflow_store import MlflowRun, client_for, experiment_id
 from .models import ModelBuilder
 from .offline import OfflineRun, close_stale_offline_runs, read_folder
 from .roots import artifact_root, offline_root, store_root, tracking_uri, workspace_root
@@ -129,12 +128,10 @@ def closing_run(run: NullRun) -> Iterator[NullRun]:
             run.finish("FINISHED")
 
 
-_client_for = client_for  # the name tune.py imports today; use client_for
-
 __all__ = [
-    "OFF_SWITCH", "MODES", "ModelBuilder", "NullRun", "MlflowRun", "OfflineRun", "OfflineRunError", "RunInterrupted",
+    "MODES", "ModelBuilder", "NullRun", "MlflowRun", "OfflineRun", "OfflineRunError", "RunInterrupted",
     "TrackingError",
-    "artifact_root", "client_for", "closing_run", "experiment_id", "git_state", "installed_packages", "now_ms",
-    "offline_root", "process_identity", "read_folder", "relocate_store", "reopen_run", "start_run", "store_root",
-    "SyncSummary", "sync_runs", "tracking_enabled", "tracking_mode", "tracking_uri", "workspace_root",
+    "artifact_root", "client_for", "closing_run", "experiment_id", "git_state", "offline_root", "process_identity",
+    "read_folder", "reopen_run", "start_run", "store_root", "SyncSummary", "sync_runs", "tracking_enabled",
+    "tracking_mode", "tracking_uri", "workspace_root",
 ]

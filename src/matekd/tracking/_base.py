@@ -39,6 +39,11 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (torch.export and MLflow write pages)."""
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
 def call_with_retries(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Call `fn` and return its result, retrying transient failures with a doubling back-off;
     the last failure is raised (`what` names the call for the caller's message)."""
@@ -153,4 +158,4 @@ class NullRun:
 
 
 __all__ = ["OFF_SWITCH", "NullRun", "OfflineRunError", "TrackingError", "call_with_retries", "dataset_record",
-           "name_problem", "now_ms", "retry"]
+           "first_line", "name_problem", "now_ms", "retry"]

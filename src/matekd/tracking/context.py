@@ -4,6 +4,7 @@ from one that is still alive)."""
 
 from __future__ import annotations
 
+import functools
 import getpass
 import importlib.metadata
 import os
@@ -21,6 +22,7 @@ from .roots import workspace_root
 DVC_ENV_TAGS = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.exp_baseline_rev",
                 "DVC_STAGE": "dvc.stage"}
 HOST_TAG, PID_TAG, PID_START_TAG = "matekd.host", "matekd.pid", "matekd.pid_start"
+STALE_TAG = "matekd.closed_as_stale"  # on a run closed as FAILED because its process had died
 
 
 def _git(root: Path, *args: str) -> subprocess.CompletedProcess | None:
@@ -42,8 +44,10 @@ def git_state(root: Path | None = None) -> dict[str, str]:
     return {"git_commit": head.stdout.strip(), "git_dirty": dirty}
 
 
+@functools.cache
 def installed_packages() -> str:
-    """pip-freeze style list of the installed distributions."""
+    """pip-freeze style list of the installed distributions (read once per process: ~0.3 s, and
+    a stage may open many runs: one per student, per evaluated model, per trial)."""
     names = sorted({f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions()
                     if d.metadata["Name"]}, key=str.lower)
     return "\n".join(names) + "\n"
@@ -109,14 +113,19 @@ def dvc_tags() -> dict[str, str]:
     return {tag: os.environ[var] for var, tag in DVC_ENV_TAGS.items() if os.environ.get(var)}
 
 
-def process_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first), None when unreadable."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = stat.rpartition(")")[2].split()
-    return fields[19] if len(fields) > 19 else None
+    return stat.rpartition(")")[2].split()
+
+
+def process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields is not None and len(fields) > 19 else None
 
 
 def process_identity() -> dict[str, str]:
@@ -138,24 +147,38 @@ def pid_alive(pid: int, start: str | None = None) -> bool:
         pass  # alive, owned by another user
     except OSError:
         return True  # cannot tell: never touch it
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    fields = _proc_stat(pid)
+    if fields is None:
         return True
-    fields = stat.rpartition(")")[2].split()
     if fields and fields[0] == "Z":
         return False
     return not (start and len(fields) > 19 and fields[19] != start)
 
 
-def owned_by_dead_process(tags: dict[str, str]) -> bool:
-    """True when the tags name this host and a process of it that no longer runs."""
+def _local_owner(tags: dict[str, Any]) -> tuple[int, str | None] | None:
+    """(pid, start ticks) of the process the tags name when it is one of this host, else None."""
     if tags.get(HOST_TAG) != socket.gethostname():
-        return False  # another machine: we cannot know
-    pid = tags.get(PID_TAG, "")
-    if not pid.isdigit():
-        return False
-    return not pid_alive(int(pid), tags.get(PID_START_TAG))
+        return None  # another machine: we cannot know
+    pid = str(tags.get(PID_TAG, ""))
+    return (int(pid), tags.get(PID_START_TAG)) if pid.isdigit() else None
+
+
+def owned_by_dead_process(tags: dict[str, Any]) -> bool:
+    """True when the tags name this host and a process of it that no longer runs."""
+    owner = _local_owner(tags)
+    return owner is not None and not pid_alive(*owner)
+
+
+def owned_by_live_process(tags: dict[str, Any]) -> bool:
+    """True when the tags name this host and a process of it that still runs."""
+    owner = _local_owner(tags)
+    return owner is not None and pid_alive(*owner)
+
+
+def stale_note(tags: dict[str, Any], stage: str) -> str:
+    """The STALE_TAG value of a run of `stage` that a dead process left RUNNING."""
+    return (f"process {tags.get(PID_TAG)} on {tags.get(HOST_TAG)} ended without closing the run (killed?); "
+            f"closed as FAILED by pid {os.getpid()} at the next start of stage {stage}")
 
 
 def torch_version() -> str:

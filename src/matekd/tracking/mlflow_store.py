@@ -16,12 +16,31 @@ from pathlib import Path
 from typing import Any
 
 from . import _base
-from ._base import OFF_SWITCH, NullRun, TrackingError, call_with_retries, dataset_record, retry
-from .context import HOST_TAG, PID_TAG, owned_by_dead_process, process_identity
+from ._base import (
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+    OFF_SWITCH,
+    NullRun,
+    TrackingError,
+    call_with_retries,
+    dataset_record,
+    first_line,
+    retry,
+)
+from .context import STALE_TAG, owned_by_dead_process, process_identity, stale_note
 from .roots import artifact_root, default_store_dir, is_default_store, sqlite_path, uri_to_path
 
 log = logging.getLogger("matekd.tracking")
-STALE_TAG = "matekd.closed_as_stale"
+_BATCH_SIZES = {"metrics": MAX_METRICS_PER_BATCH, "params": MAX_PARAMS_TAGS_PER_BATCH,
+                "tags": MAX_PARAMS_TAGS_PER_BATCH}
+
+
+def log_in_batches(call: Any, what: str, client: Any, run_id: str, kind: str, items: list[Any]) -> None:
+    """`client.log_batch` of `items` (Metric, Param or RunTag entities; `kind` is "metrics",
+    "params" or "tags") in MLflow's batch sizes; `call(what, fn, *args, **kwargs)` makes each call."""
+    size = _BATCH_SIZES[kind]
+    for start in range(0, len(items), size):
+        call(what, client.log_batch, run_id, **{kind: items[start:start + size]})
 
 
 class MlflowRun(NullRun):
@@ -42,25 +61,19 @@ class MlflowRun(NullRun):
 
         now = _base.now_ms()
         items = [Metric(key, float(value), now, step or 0) for key, value in metrics.items()]
-        for start in range(0, len(items), _base.MAX_METRICS_PER_BATCH):
-            self._call("log_metrics", self.client.log_batch, self.run_id,
-                       metrics=items[start:start + _base.MAX_METRICS_PER_BATCH])
+        log_in_batches(self._call, "log_metrics", self.client, self.run_id, "metrics", items)
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(key, str(value)[:_base.MAX_PARAM_VALUE_LENGTH]) for key, value in params.items()]
-        for start in range(0, len(items), _base.MAX_PARAMS_TAGS_PER_BATCH):
-            self._call("log_params", self.client.log_batch, self.run_id,
-                       params=items[start:start + _base.MAX_PARAMS_TAGS_PER_BATCH])
+        log_in_batches(self._call, "log_params", self.client, self.run_id, "params", items)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         items = [RunTag(key, str(value)) for key, value in tags.items()]
-        for start in range(0, len(items), _base.MAX_PARAMS_TAGS_PER_BATCH):
-            self._call("set_tags", self.client.log_batch, self.run_id,
-                       tags=items[start:start + _base.MAX_PARAMS_TAGS_PER_BATCH])
+        log_in_batches(self._call, "set_tags", self.client, self.run_id, "tags", items)
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if Path(path).is_file():
@@ -99,9 +112,8 @@ class MlflowRun(NullRun):
             request = ModelRequest.check(name, registered_name, builder, input_example)
             log_to_store(self.client, self.run_id, export_copy(model, request.builder), request, call_with_retries)
         except Exception as exc:  # an export, a builder, the store: warn and go on
-            first = (str(exc).strip().splitlines() or [""])[0]
-            warnings.warn(f"MLflow: log_model {name} failed ({type(exc).__name__}: {first}); training goes on",
-                          stacklevel=2)
+            warnings.warn(f"MLflow: log_model {name} failed ({type(exc).__name__}: {first_line(exc)}); "
+                          "training goes on", stacklevel=2)
 
     def finish(self, status: str = "FINISHED") -> None:
         self._call("set_terminated", self.client.set_terminated, self.run_id, status, end_time=_base.now_ms())
@@ -147,40 +159,33 @@ def _env_defaults(values: dict[str, str]) -> Iterator[None]:
             os.environ.pop(key, None)
 
 
-class _Deleted(Exception):
-    pass
-
-
 def experiment_id(client: Any, name: str, uri: str) -> str:
     """Get or create the experiment (artifacts beside a SQLite database); an unreachable store
     fails with the URI and the off switch. MLflow's own get-or-create, `mlflow.set_experiment`,
     cannot set the artifact location and changes the process's active experiment."""
-    experiment = None
     try:
         with _env_defaults(_PROBE_ENV):
             experiment = client.get_experiment_by_name(name)
-            if experiment is not None:
-                if experiment.lifecycle_stage == "active":
+            if experiment is None:
+                location = artifact_root(uri) if uri.startswith("sqlite:") else None
+                try:
+                    return client.create_experiment(name, artifact_location=location)
+                except Exception:  # another process created it first
+                    experiment = client.get_experiment_by_name(name)
+                    if experiment is None:
+                        raise
                     return experiment.experiment_id
-                raise _Deleted()
-            location = artifact_root(uri) if uri.startswith("sqlite:") else None
-            try:
-                return client.create_experiment(name, artifact_location=location)
-            except Exception:  # another process created it first
-                experiment = client.get_experiment_by_name(name)
-                if experiment is None:
-                    raise
-                return experiment.experiment_id
-    except _Deleted:
-        raise TrackingError(f"MLflow experiment {name!r} in {uri} is deleted: restore it (`mlflow experiments "
-                            f"restore --experiment-id {experiment.experiment_id}`), purge it (`mlflow gc`) or set "
-                            "another tracking.experiment") from None
     except Exception as exc:
         raise TrackingError(f"MLflow tracking store {uri} is unreachable ({type(exc).__name__}: {exc}); "
                             f"start it, point MLFLOW_TRACKING_URI elsewhere, or run with {OFF_SWITCH}") from exc
     finally:
         for key, value in _RUN_ENV.items():
             os.environ.setdefault(key, value)
+    if experiment.lifecycle_stage != "active":
+        raise TrackingError(f"MLflow experiment {name!r} in {uri} is deleted: restore it (`mlflow experiments "
+                            f"restore --experiment-id {experiment.experiment_id}`), purge it (`mlflow gc`) or set "
+                            "another tracking.experiment")
+    return experiment.experiment_id
 
 
 def create_run(*, experiment: str, run_name: str, stage: str, tags: dict[str, str],
@@ -233,10 +238,8 @@ def close_stale_runs(client: Any, exp_id: str, stage: str) -> list[str]:
         tags = run.data.tags
         if tags.get("stage") != stage or not owned_by_dead_process(tags):
             continue
-        note = (f"process {tags.get(PID_TAG)} on {tags.get(HOST_TAG)} ended without closing the run (killed?); "
-                f"closed as FAILED by pid {os.getpid()} at the next start of stage {stage}")
         try:
-            client.set_tag(run.info.run_id, STALE_TAG, note)
+            client.set_tag(run.info.run_id, STALE_TAG, stale_note(tags, stage))
             client.set_terminated(run.info.run_id, "FAILED", end_time=_base.now_ms())
             closed.append(run.info.run_id)
         except Exception as exc:

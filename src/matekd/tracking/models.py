@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MatekdError
+from ._base import first_line
 from .roots import uri_to_path
 
 LOGGED_MODEL_BAD_CHARS = ("/", ":", ".", "%", '"', "'")  # mlflow.utils.validation._validate_logged_model_name
@@ -278,9 +279,8 @@ def log_to_store(client: Any, run_id: str, model: Any, request: ModelRequest,
                                           input_example=request.example, serialization_format=SERIALIZATION,
                                           pip_requirements=pip_requirements())
             except Exception as exc:
-                first = (str(exc).strip().splitlines() or [""])[0]
                 raise ModelExportError(f"torch.export cannot export model {request.name!r} "
-                                       f"({type(exc).__name__}: {first})") from exc
+                                       f"({type(exc).__name__}: {first_line(exc)})") from exc
             call("log_model_artifacts", client.log_model_artifacts, logged.model_id, path)
         call("finalize_logged_model", client.finalize_logged_model, logged.model_id, "READY")
     except BaseException:

@@ -33,7 +33,6 @@ listed but missing or changed, is corruption: `read_folder` refuses it naming th
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import posixpath
@@ -48,9 +47,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import MatekdError
+from ..storage import atomic_dir, atomic_path, save_tensors, sha256_file
 from . import _base
-from ._base import NullRun, OfflineRunError, dataset_record, name_problem
-from .context import HOST_TAG, PID_TAG, owned_by_dead_process, process_identity
+from ._base import NullRun, OfflineRunError, dataset_record, first_line, name_problem
+from .context import STALE_TAG, owned_by_dead_process, owned_by_live_process, process_identity, stale_note
 from .models import (
     ModelBuilder,
     ModelRequest,
@@ -65,7 +66,6 @@ FORMAT = "matekd-offline-run/1"
 FORMAT_WITH_MODELS = "matekd-offline-run/2"  # /1 plus `models` in run.json
 FORMATS = (FORMAT, FORMAT_WITH_MODELS)
 RUN_FILE, METRICS_FILE, ARTIFACTS_FILE, IMAGES_FILE = "run.json", "metrics.jsonl", "artifacts.jsonl", "images.jsonl"
-STALE_TAG = "matekd.closed_as_stale"
 
 
 def new_run_id() -> str:
@@ -73,37 +73,23 @@ def new_run_id() -> str:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(obj, handle, indent=1, sort_keys=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Replace `path` by `obj` as JSON, synced to disk first (a power loss keeps the old or the
+    new record, never a torn one). Raises MatekdError naming the file."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(obj, handle, indent=1, sort_keys=True)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _safe_artifact_path(path: str) -> str | None:
     """A normalised relative posix path, or None when it would leave the artifact folder."""
     if not path or "\\" in path or path.startswith("/"):
         return None
-    norm = posixpath.normpath(path)
-    if norm in (".", "") or norm.startswith("../") or norm == ".." or "/../" in f"/{norm}/":
+    norm = posixpath.normpath(path)  # leaves ".." only at the start
+    if norm == "." or norm.split("/", 1)[0] == "..":
         return None
     return norm
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class OfflineRun(NullRun):
@@ -131,15 +117,12 @@ class OfflineRun(NullRun):
                   "end_time": None, "tags": {str(k): str(v) for k, v in tags.items()}, "params": {},
                   "inputs": [], "host": socket.gethostname(), "pid": os.getpid()}
         try:
-            root.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{run_id}.", suffix=".tmp", dir=root))
-            for name in (METRICS_FILE, ARTIFACTS_FILE, IMAGES_FILE):
-                (staging / name).touch()
-            _write_json_atomic(staging / RUN_FILE, record)
-            os.chmod(staging, 0o755)
-            os.replace(staging, root / run_id)
-        except OSError as exc:
-            raise _base.TrackingError(f"cannot create an offline run in {root} ({exc.strerror or exc}); "
+            with atomic_dir(root / run_id) as staging:
+                for name in (METRICS_FILE, ARTIFACTS_FILE, IMAGES_FILE):
+                    (staging / name).touch()
+                _write_json_atomic(staging / RUN_FILE, record)
+        except MatekdError as exc:
+            raise _base.TrackingError(f"cannot create an offline run in {root} ({exc}); "
                                       f"point MATEKD_OFFLINE_DIR elsewhere or run with {_base.OFF_SWITCH}") from exc
         return cls(root / run_id, record)
 
@@ -167,8 +150,8 @@ class OfflineRun(NullRun):
         try:
             _write_json_atomic(self.folder / RUN_FILE, self.record)
             return True
-        except OSError as exc:
-            self._warn(what, exc.strerror or exc)
+        except MatekdError as exc:
+            self._warn(what, exc)
             return False
 
     def _append(self, name: str, lines: list[dict[str, Any]]) -> None:
@@ -205,7 +188,7 @@ class OfflineRun(NullRun):
                     return
                 target = self.folder / "artifacts" / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
-                size, digest = tmp.stat().st_size, _sha256(tmp)
+                size, digest = tmp.stat().st_size, sha256_file(tmp)
                 os.replace(tmp, target)
                 self._append(ARTIFACTS_FILE, [{"path": rel, "size": size, "sha256": digest}])
             except Exception as exc:  # a figure type, a serialisation, the disk: warn and go on
@@ -327,18 +310,10 @@ class OfflineRun(NullRun):
         with self._lock:
             name = f"images/{uuid.uuid4().hex}{suffix}"
             try:
-                (self.folder / "images").mkdir(exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=".image.", suffix=".tmp", dir=self.folder / "images")
-                try:
-                    with os.fdopen(fd, "wb") as handle:
-                        write(handle)
-                    os.replace(tmp, self.folder / name)
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
-                    raise
+                with atomic_path(self.folder / name) as tmp, open(tmp, "wb") as handle:
+                    write(handle)
                 self._append(IMAGES_FILE, [{"key": key, "step": int(step or 0), "timestamp": now, "file": name}])
-            except (OSError, ValueError, TypeError) as exc:
+            except (OSError, ValueError, TypeError, MatekdError) as exc:
                 self._warn(f"log_image {key}", getattr(exc, "strerror", None) or exc)
 
     def log_input(self, name: str, digest: str, source: str, context: str = "training", *,
@@ -363,37 +338,26 @@ class OfflineRun(NullRun):
             state = state_dict_of(model)
             example_output(rebuild(request.builder, state), request.example)
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [""])[0]
-            self._warn(f"log_model {name}", f"{type(exc).__name__}: {first}")
+            self._warn(f"log_model {name}", f"{type(exc).__name__}: {first_line(exc)}")
             return
         import numpy as np
 
-        from ..storage import save_tensors
-
         model_id = new_run_id()
         with self._lock:
-            staging = None
             try:
-                staging = Path(tempfile.mkdtemp(prefix=".model.", dir=self.folder))
-                save_tensors(staging / "weights.safetensors", state,
-                             metadata={"builder": json.dumps(request.builder.to_json(), sort_keys=True)})
-                with open(staging / "input_example.npy", "wb") as handle:
-                    np.save(handle, request.example, allow_pickle=False)
-                files = {}
-                for key, file_name in (("weights", "weights.safetensors"), ("input_example", "input_example.npy")):
-                    local = staging / file_name
-                    files[key] = {"path": f"models/{model_id}/{file_name}", "size": local.stat().st_size,
-                                  "sha256": _sha256(local)}
-                os.chmod(staging, 0o755)
-                (self.folder / "models").mkdir(exist_ok=True)
-                os.replace(staging, self.folder / "models" / model_id)
-                staging = None
+                with atomic_dir(self.folder / "models" / model_id) as staging:
+                    save_tensors(staging / "weights.safetensors", state,
+                                 metadata={"builder": json.dumps(request.builder.to_json(), sort_keys=True)})
+                    with open(staging / "input_example.npy", "wb") as handle:
+                        np.save(handle, request.example, allow_pickle=False)
+                    files = {key: {"path": f"models/{model_id}/{file_name}",
+                                   "size": (staging / file_name).stat().st_size,
+                                   "sha256": sha256_file(staging / file_name)}
+                             for key, file_name in (("weights", "weights.safetensors"),
+                                                    ("input_example", "input_example.npy"))}
             except Exception as exc:
                 self._warn(f"log_model {name}", getattr(exc, "strerror", None) or exc)
                 return
-            finally:
-                if staging is not None:
-                    shutil.rmtree(staging, ignore_errors=True)
             self.record.setdefault("models", []).append(
                 {"name": request.name, "registered_name": request.registered_name,
                  "builder": request.builder.to_json(), **files})
@@ -425,11 +389,9 @@ def _is_plotly_figure(figure: Any) -> bool:
 
 def _image_writer(image: Any) -> tuple[str, Callable[[Any], None]] | None:
     """(suffix, write(binary handle)) for the image types MlflowClient.log_image accepts."""
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        np = None
-    if np is not None and isinstance(image, np.ndarray):
+    import numpy as np
+
+    if isinstance(image, np.ndarray):
         return ".npy", lambda handle: np.save(handle, image, allow_pickle=False)
     if hasattr(image, "to_pil") and type(image).__module__.startswith("mlflow"):
         image = image.to_pil()
@@ -474,12 +436,10 @@ def close_stale_offline_runs(root: Path, experiment: str, stage: str) -> list[st
             last = max((p.stat().st_mtime for p in folder.iterdir() if p.is_file()), default=0)
             record["status"] = "FAILED"
             record["end_time"] = max(int(last * 1000), int(record.get("start_time") or 0))
-            tags[STALE_TAG] = (f"process {tags.get(PID_TAG)} on {tags.get(HOST_TAG)} ended without closing the "
-                               f"run (killed?); closed as FAILED by pid {os.getpid()} at the next start of "
-                               f"stage {stage}")
+            tags[STALE_TAG] = stale_note(tags, stage)
             _write_json_atomic(run_file, record)
             closed.append(folder.name)
-        except (OSError, ValueError, AttributeError, TypeError):
+        except (OSError, ValueError, AttributeError, TypeError, MatekdError):
             continue  # sync reports a damaged folder; starting a stage must not fail on it
     return closed
 
@@ -507,9 +467,7 @@ class OfflineRecord:
     @property
     def process_alive_here(self) -> bool:
         """Still RUNNING and its process is alive on this host (a run in progress)."""
-        tags = self.meta.get("tags", {})
-        return (self.meta["status"] == "RUNNING" and tags.get(HOST_TAG) == socket.gethostname()
-                and tags.get(PID_TAG, "").isdigit() and not owned_by_dead_process(tags))
+        return self.meta["status"] == "RUNNING" and owned_by_live_process(self.meta.get("tags", {}))
 
 
 def _is_int(value: Any) -> bool:
@@ -636,7 +594,12 @@ def _check_model(item: Any) -> str | None:
     return f"model {name!r}: {'; '.join(problems)}" if problems else None
 
 
-def read_run(folder: Path, verify_content: bool = True) -> OfflineRecord:
+def _differs(file: Path, entry: dict[str, Any]) -> bool:
+    """Whether `file` lacks the size or sha256 that its record `entry` gives."""
+    return file.stat().st_size != entry["size"] or sha256_file(file) != entry["sha256"]
+
+
+def read_run(folder: Path) -> OfflineRecord:
     """Read and check one run folder; OfflineRunError names the offending file."""
     run_file = folder / RUN_FILE
     if not run_file.is_file():
@@ -655,7 +618,7 @@ def read_run(folder: Path, verify_content: bool = True) -> OfflineRecord:
         file = folder / "artifacts" / path
         if not file.is_file():
             raise OfflineRunError(f"{file}: listed in {folder / ARTIFACTS_FILE} but missing")
-        if file.stat().st_size != item["size"] or (verify_content and _sha256(file) != item["sha256"]):
+        if _differs(file, item):
             raise OfflineRunError(f"{file}: differs from what {folder / ARTIFACTS_FILE} recorded (size or sha256)")
     record.images = _read_lines(folder / IMAGES_FILE, _check_image)
     for item in record.images:
@@ -667,7 +630,7 @@ def read_run(folder: Path, verify_content: bool = True) -> OfflineRecord:
             file = folder / item[key]["path"]
             if not file.is_file():
                 raise OfflineRunError(f"{file}: the {key} of model {item['name']!r} in {run_file} is missing")
-            if file.stat().st_size != item[key]["size"] or (verify_content and _sha256(file) != item[key]["sha256"]):
+            if _differs(file, item[key]):
                 raise OfflineRunError(f"{file}: the {key} of model {item['name']!r} differs from what {run_file} "
                                       "recorded (size or sha256)")
     return record

@@ -16,11 +16,10 @@ import os
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from ..storage import repo_root
+from ..storage import ROOT_MARKERS, repo_root
 
 EXPS = (".dvc", "tmp", "exps")
 DEFAULT_OFFLINE_DIR = "mlruns-offline"
-_MARKERS = ("dvc.yaml", "params.yaml")
 
 
 def split_exps(path: Path) -> tuple[Path, Path] | None:
@@ -55,7 +54,7 @@ def workspace_root() -> Path:
     inside = split_exps(here)
     if inside and inside[0] == root:
         for folder in (here, *here.parents):
-            if any((folder / marker).exists() for marker in _MARKERS):
+            if any((folder / marker).exists() for marker in ROOT_MARKERS):
                 return folder
             if folder == inside[1]:
                 break

@@ -16,9 +16,10 @@ import contextlib
 import signal
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_state: dict[str, int | None] = {"deferring": 0, "pending": None}
+_state: dict[str, Any] = {"deferring": 0, "pending": None}  # nesting depth of signals_deferred; first held signal
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -64,7 +65,7 @@ def signals_deferred(reraise: bool) -> Iterator[None]:
     """Hold SIGTERM/SIGINT back during the block (closing a run); afterwards raise the first
     one that came as RunInterrupted when `reraise`, else drop it (an interrupt or error is
     already on its way out)."""
-    _state["deferring"] = (_state["deferring"] or 0) + 1
+    _state["deferring"] += 1
     try:
         yield
     finally:

@@ -27,16 +27,15 @@ from __future__ import annotations
 
 import json
 import posixpath
-import socket
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import roots
-from ._base import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH, MatekdError, OfflineRunError, TrackingError
-from .context import pid_alive, process_identity
-from .mlflow_store import client_for, dataset_input, delete_runs, experiment_id, relocate_store
+from ._base import MatekdError, OfflineRunError, TrackingError
+from .context import owned_by_live_process, process_identity
+from .mlflow_store import client_for, dataset_input, delete_runs, experiment_id, log_in_batches, relocate_store
 from .models import ModelBuilder, ModelExportError, ModelRequestError, load_offline_model, log_to_store
 from .offline import RUN_FILE, OfflineRecord, iter_parents_first, load_image, read_folder
 
@@ -115,8 +114,7 @@ def _importer_alive(tag: str) -> bool:
         owner = json.loads(tag)
     except ValueError:
         return False
-    return (owner.get("matekd.host") == socket.gethostname() and str(owner.get("matekd.pid", "")).isdigit()
-            and pid_alive(int(owner["matekd.pid"]), owner.get("matekd.pid_start")))
+    return owned_by_live_process(owner)
 
 
 def _direct(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -161,12 +159,10 @@ def _import_run(client: Any, uri: str, record: OfflineRecord, parent: str | None
     run_id = client.create_run(experiments[name], start_time=meta["start_time"], tags=tags,
                                run_name=meta["run_name"]).info.run_id
     try:
-        params = [Param(k, v) for k, v in meta["params"].items()]
-        for start in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
-            client.log_batch(run_id, params=params[start:start + MAX_PARAMS_TAGS_PER_BATCH])
-        metrics = [Metric(m["key"], float(m["value"]), m["timestamp"], m["step"]) for m in record.metrics]
-        for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-            client.log_batch(run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH])
+        log_in_batches(_direct, "log_params", client, run_id, "params",
+                       [Param(k, v) for k, v in meta["params"].items()])
+        log_in_batches(_direct, "log_metrics", client, run_id, "metrics",
+                       [Metric(m["key"], float(m["value"]), m["timestamp"], m["step"]) for m in record.metrics])
         if meta["inputs"]:
             client.log_inputs(run_id, datasets=[dataset_input(item) for item in meta["inputs"]])
         for path in sorted(record.artifacts):
@@ -219,14 +215,14 @@ def sync_runs(folder: str | Path, tracking_uri: str | None = None) -> SyncSummar
             raise MatekdError(f"another sync (pid {json.loads(owner).get('matekd.pid')}) is importing offline "
                               f"run {offline_id} into {uri} right now; wait for it to end")
 
+    ordered = iter_parents_first(records)
     deferred: set[str] = set()
-    for record in iter_parents_first(records):
-        parent = record.meta.get("parent_run_id")
-        if record.process_alive_here or parent in deferred:
+    for record in ordered:
+        if record.process_alive_here or record.meta.get("parent_run_id") in deferred:
             deferred.add(record.run_id)
     summary.still_running = sorted(deferred)
     summary.already_present = {k: v for k, v in present.items() if k in records}
-    todo = [r for r in iter_parents_first(records) if r.run_id not in present and r.run_id not in deferred]
+    todo = [r for r in ordered if r.run_id not in present and r.run_id not in deferred]
     if not todo:
         return summary
 

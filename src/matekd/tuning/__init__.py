@@ -15,37 +15,16 @@ nowhere else.
 
 from __future__ import annotations
 
-from .recovery import fail_orphans, retry_trial, this_host
-from .space import (
-                    apply_values,
-                    check_space,
-                    make_pruner,
-                    make_sampler,
-                    method_space,
-                    select_methods,
-                    suggest,
-                    unused_keys,
-)
-from .storage import StorageSpec, mask_password, resolve_storage
-from .study import (
-                    MethodStudy,
-                    counts,
-                    importances,
-                    metrics_record,
-                    open_study,
-                    study_name,
-                    study_signature,
-                    summarise,
-                    teacher_identity,
-                    tuned_meta,
-)
-from .trials import TrialLogger, log_summary, read_records, records_folder, records_path, study_run
-from .workers import SignalsMemo, WorkerJob, optimise, run_worker, worker_devices
+from .recovery import fail_orphans
+from .space import apply_values, check_space, make_pruner, method_space, select_methods, unused_keys
+from .storage import StorageSpec, resolve_storage
+from .study import MethodStudy, metrics_record, open_study, summarise, teacher_identity, tuned_meta
+from .trials import log_summary, read_records, records_folder, records_path, study_run
+from .workers import SignalsMemo, optimise, worker_devices
 
 __all__ = [
-    "MethodStudy", "SignalsMemo", "StorageSpec", "TrialLogger", "WorkerJob", "apply_values", "check_space",
-    "counts", "fail_orphans", "importances", "log_summary", "make_pruner", "make_sampler", "mask_password",
-    "method_space", "metrics_record", "open_study", "optimise", "read_records", "records_folder", "records_path",
-    "resolve_storage", "retry_trial", "run_worker", "select_methods", "study_name", "study_run", "study_signature",
-    "suggest", "summarise", "teacher_identity", "this_host", "tuned_meta", "unused_keys", "worker_devices",
+    "MethodStudy", "SignalsMemo", "StorageSpec", "apply_values", "check_space", "fail_orphans", "log_summary",
+    "make_pruner", "method_space", "metrics_record", "open_study", "optimise", "read_records", "records_folder",
+    "records_path", "resolve_storage", "select_methods", "study_run", "summarise", "teacher_identity", "tuned_meta",
+    "unused_keys", "worker_devices",
 ]

@@ -66,14 +66,21 @@ class StorageSpec:
                 raise MatekdError(f"Optuna storage {self.shown} needs a database driver that is not installed "
                                   f"({exc.__cause__ or exc}); for PostgreSQL: pip install psycopg2-binary") from exc
             except Exception as exc:  # sqlalchemy errors: unreachable server, bad credentials
-                # Two processes creating the tables of a new database at once: the loser retries.
-                if "already exists" in str(exc) and attempt < attempts - 1:
+                if _lost_creation_race(exc) and attempt < attempts - 1:
                     time.sleep(0.2 * (attempt + 1))
                     continue
                 first_line = str(exc).splitlines()[0] if str(exc) else ""
                 raise MatekdError(f"cannot open Optuna storage {self.shown}: {type(exc).__name__}: "
                                   f"{first_line}") from exc
         raise AssertionError("unreachable")
+
+
+def _lost_creation_race(exc: Exception) -> bool:
+    """Whether another process was creating this new database at the same moment: it made a
+    table first ("already exists") or stamped the schema version first (a duplicate key in
+    alembic_version). The loser opens the database again, now complete."""
+    text = str(exc)
+    return "already exists" in text or "alembic_version" in text
 
 
 def mask_password(url: str) -> str:

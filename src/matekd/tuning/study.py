@@ -18,12 +18,10 @@ from typing import Any
 
 import optuna
 
+from .. import teachers as teacher_files
 from ..errors import MatekdError, ParamsError
 from ..methods import Method, method_teachers
 from ..params import Params, SpaceEntry, param_key
-from ..paths import cache_path
-from ..storage import sha256_file
-from ..teachers import teacher_hashes
 from .recovery import fail_orphans
 from .space import describe_space, make_pruner, make_sampler, method_space
 from .storage import StorageSpec
@@ -58,14 +56,7 @@ def teacher_identity(params: Params, method: Method) -> dict[str, dict[str, str]
     """sha256 of the teacher weights (and caches, when the method reads them) the method uses;
     a missing file fails here, before any study is opened, with the command that makes it."""
     names = method_teachers(method, list(params.teachers), params.distill.kd_teacher)
-    reads_cache = method.needs_maps or (method.has_kd and params.distill.teacher_signals == "cached")
-    identity: dict[str, dict[str, str]] = {"weights": teacher_hashes(names), "caches": {}}
-    for name in names if reads_cache else []:
-        path = cache_path(name)
-        if not path.exists():
-            raise MatekdError(f"missing CAM cache {path}; run `dvc repro cache@{name}` first")
-        identity["caches"][name] = sha256_file(path)
-    return identity
+    return teacher_files.teacher_identity(names, method.reads_cache(params.distill.teacher_signals))
 
 
 def study_signature(params: Params, method: Method, space: dict[str, SpaceEntry], data_hash: str,

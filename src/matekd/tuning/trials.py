@@ -30,6 +30,8 @@ from typing import Any
 import optuna
 
 from ..params import Params
+from ..paths import TUNE_RECORDS_DIR
+from ..plotting import pyplot
 from ..tracking import (
     MlflowRun,
     NullRun,
@@ -46,7 +48,6 @@ from .storage import mask_password
 from .study import importance_evaluator
 
 TrialState = optuna.trial.TrialState
-RECORDS_DIR = Path("tuning") / "trials"
 ATTR_PARENT_RUNS = "matekd.mlflow_parent_runs"  # study user attribute: {store and experiment: run id}
 TRIAL_STAGE = "tune-trial"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -56,9 +57,9 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 # Per-epoch records
 
 
-def records_folder(study_name: str, root: Path = Path(".")) -> Path:
+def records_folder(study_name: str) -> Path:
     """Folder of a study's per-epoch records (absolute, for worker processes)."""
-    return (root / RECORDS_DIR / re.sub(r"[^A-Za-z0-9_.-]", "_", study_name)).resolve()
+    return (TUNE_RECORDS_DIR / re.sub(r"[^A-Za-z0-9_.-]", "_", study_name)).resolve()
 
 
 def records_path(folder: Path, number: int) -> Path:
@@ -233,11 +234,7 @@ def log_summary(run: NullRun, study: optuna.Study, summary: dict[str, Any]) -> N
     run.set_tags({"best_trial": summary["best_trial"], "best_value": summary["best_value"],
                   "importances": summary["importances_note"] or "reported"})
     run.log_dict(summary, "tune/summary.json")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     for name, figure in study_figures(study, with_importances=bool(summary["importances"])):
         run.log_figure(figure, f"tune/{name}.png")
         plt.close(figure)

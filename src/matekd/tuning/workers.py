@@ -37,7 +37,7 @@ from ..params import Params, validate_params
 from ..students import SignalsLoader, TeacherSignals, load_signals, resolve_spec, train_students
 from ..tracking import NullRun
 from ..train import assign_round_robin, configure_determinism, visible_devices
-from .recovery import ATTR_DIVERGED, ATTR_ERROR, ATTR_PID, ATTR_SESSION, claim, fail_orphans, fail_stale
+from .recovery import ATTR_DIVERGED, ATTR_ERROR, claim, fail_orphans, fail_stale
 from .space import apply_values, make_pruner, make_sampler, method_space, suggest
 from .storage import StorageSpec
 from .study import MethodStudy, counts
@@ -157,29 +157,23 @@ def run_worker(job: WorkerJob, data: Prepared | None = None,
     device = torch.device(job.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if params.deterministic:
-        configure_determinism(params.distill.seed, True)
-    else:  # what configure_determinism(False) sets, minus the seconds-long import it triggers
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cudnn.deterministic = False
+    configure_determinism(params.distill.seed, params.deterministic)
     data = data if data is not None else load_prepared(job.prepared_dir)
     study = optuna.load_study(study_name=job.study_name, storage=job.storage.open(),
                               sampler=make_sampler(params.tune, job.worker), pruner=make_pruner(params.tune))
     objective = make_objective(params, method, data, device, job.trainer or train_students, job, SignalsMemo())
-    ran, failures = 0, 0
+    ran: list[optuna.trial.FrozenTrial] = []  # this worker's trials, as Optuna hands them to callbacks
+    callbacks = [lambda _, trial: ran.append(trial), *([on_trial_end] if on_trial_end else [])]
+    failures = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         while True:
             fail_stale(study)
             state = counts(study)
             if state["finished"] + state["running"] >= job.target:
-                return ran
-            study.optimize(objective, n_trials=1, catch=(TrialCrashed,),
-                           callbacks=[on_trial_end] if on_trial_end else None)
-            ran += 1
-            mine = [t for t in study.get_trials(deepcopy=False)
-                    if t.user_attrs.get(ATTR_SESSION) == job.session and t.user_attrs.get(ATTR_PID) == os.getpid()]
-            last = max(mine, key=lambda t: t.number)
+                return len(ran)
+            study.optimize(objective, n_trials=1, catch=(TrialCrashed,), callbacks=callbacks)
+            last = ran[-1]
             failures = failures + 1 if last.state == TrialState.FAIL else 0
             if failures >= MAX_CONSECUTIVE_FAILURES:
                 raise MatekdError(f"{failures} trials in a row failed (last: trial {last.number}, "

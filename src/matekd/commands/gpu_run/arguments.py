@@ -9,13 +9,14 @@ from typing import Any
 
 from ...errors import MatekdError
 from ..pack import FILE_LIMIT, MAX_FILES, MIB, TOTAL_LIMIT
-from .command import RunOutcome, run_gpu
+from .command import PACK_RESERVE_S, RunOutcome, run_gpu
 from .layout import DEFAULT_OUTPUT, DEFAULT_PAPER_PROFILE, DEFAULT_PROFILE, DEFAULT_WORK
 from .plan import BenchOptions
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `matekd gpu-run` (cli.py and `python -m matekd.commands.gpu_run`)."""
+    bench = BenchOptions()
     parser.add_argument("profile", nargs="?", default=DEFAULT_PROFILE,
                         help=f"params profile to run (default {DEFAULT_PROFILE})")
     parser.add_argument("output", nargs="?", default=DEFAULT_OUTPUT,
@@ -27,11 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"scratch folder, deleted at the next run (default {DEFAULT_WORK})")
     parser.add_argument("--no-smoke", action="store_true", help="skip the smoke pass")
     parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
-                        help="stop stages this long after the start (less 30 s for packing) and pack what exists")
-    parser.add_argument("--bench-batch-size", type=int, default=512)
-    parser.add_argument("--bench-repeats", type=int, default=20)
-    parser.add_argument("--bench-warmup", type=int, default=5)
-    parser.add_argument("--bench-together", type=int, default=None,
+                        help=f"stop stages this long after the start (less {PACK_RESERVE_S:g} s for packing) "
+                             "and pack what exists")
+    parser.add_argument("--bench-batch-size", type=int, default=bench.batch_size)
+    parser.add_argument("--bench-repeats", type=int, default=bench.repeats)
+    parser.add_argument("--bench-warmup", type=int, default=bench.warmup)
+    parser.add_argument("--bench-together", type=int, default=bench.together,
                         help="students together in the bench (default: max(ablation.group_size, 4))")
     parser.add_argument("--paper-profile", default=DEFAULT_PAPER_PROFILE,
                         help="profile whose time is extrapolated from the measured epochs ('' to skip)")

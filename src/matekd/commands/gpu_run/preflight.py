@@ -14,7 +14,7 @@ from .layout import LOOSE_FILES, WORK_MARKER
 
 def preflight(params: Any, env: dict[str, str], output: Path, work: Path) -> None:
     """Fail before any stage runs: data archive, frost textures, output name and folders."""
-    from ...cifar10c import resolve_corruptions
+    from ...cifar10c import resolve_corruptions, resolve_frost_dir
     from ...corruptions import FrostUnavailable, frost_texture_files
 
     archive = env.get("MATEKD_CIFAR10", "")
@@ -28,7 +28,7 @@ def preflight(params: Any, env: dict[str, str], output: Path, work: Path) -> Non
     cp = params.corrupt
     if not cp.source and "frost" in resolve_corruptions(cp.corruptions):
         try:
-            frost_texture_files(cp.frost_dir or env.get("MATEKD_FROST", ""))
+            frost_texture_files(resolve_frost_dir(cp.frost_dir, env))
         except FrostUnavailable as exc:
             raise MatekdError(f"CIFAR-10-C with frost needs its textures: {exc}. Set MATEKD_FROST (e.g. "
                               "MATEKD_FROST=.gpu-data/frost), or leave frost out with -S corrupt.corruptions=[...]"

@@ -13,16 +13,19 @@ from .layout import read_json_or_none
 
 def _evaluations(project: Path) -> list[tuple[Path, dict[str, Any]]]:
     """metrics/eval/<model>.json of every model (not the Grad-CAM analyses), in name order."""
-    return [(path, read_json_or_none(path) or {}) for path in sorted((project / "metrics" / "eval").glob("*.json"))
+    from ...paths import EVAL_DIR
+
+    return [(path, read_json_or_none(path) or {}) for path in sorted((project / EVAL_DIR).glob("*.json"))
             if not path.stem.startswith("gradcam-")]
 
 
-def model_scores(project: Path) -> dict[str, dict[str, float]]:
-    """{model: {test_acc, cifar10c_mean15}} from metrics/summary.json, else metrics/eval/."""
+def model_scores(project: Path, evaluations: list[tuple[Path, dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """{model: {test_acc, cifar10c_mean15}} from metrics/summary.json, else `evaluations` (_evaluations)."""
+    from ...paths import SUMMARY_METRICS
     from ...report import per_model_summary
 
-    summary = per_model_summary(read_json_or_none(project / "metrics" / "summary.json") or {})
-    for path, entry in _evaluations(project):
+    summary = per_model_summary(read_json_or_none(project / SUMMARY_METRICS) or {})
+    for path, entry in evaluations:
         row = summary.setdefault(entry.get("model", path.stem), {})
         row.setdefault("test_acc", entry.get("test_acc"))
         row.setdefault("cifar10c_mean15", (entry.get("cifar10c") or {}).get("standard_mean"))
@@ -45,7 +48,8 @@ def results_table(project: Path, params: Any) -> str:
     """Teachers and each method (mean ± std over seeds): CIFAR-10 and CIFAR-10-C-15 accuracy (%)."""
     from ...paths import ablation_output
 
-    scores = model_scores(project)
+    evaluations = _evaluations(project)
+    scores = model_scores(project, evaluations)
     rows = [("model", "seeds", "CIFAR-10 (%)", "CIFAR-10-C-15 (%)")]
     for name in params.teachers:
         row = scores.get(name, {})
@@ -58,7 +62,7 @@ def results_table(project: Path, params: Any) -> str:
     widths = [max(len(r[k]) for r in rows) for k in range(4)]
     lines = ["  ".join(r[k].ljust(widths[k]) if k == 0 else r[k].rjust(widths[k]) for k in range(4)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    first = _evaluations(project)[:1]
+    first = evaluations[:1]
     label = first[0][1].get("dataset") if first else None
     c_label = first[0][1].get("corruption_dataset") if first else None
     head = f"Results ({params.profile}; {label or 'CIFAR-10'}; {c_label or 'CIFAR-10-C'}), mean ± std over seeds:"

@@ -35,7 +35,6 @@ class Job:
     log: Path
     started: float
     on_done: Callable[[Job], None] | None = None
-    ended: float | None = None
     status: str = "running"
 
 
@@ -131,12 +130,12 @@ class StageRunner:
         self.running.clear()
 
     def _finish(self, job: Job, status: str) -> None:
-        job.ended, job.status = self.elapsed(), status
-        seconds = job.ended - job.started
+        ended, job.status = self.elapsed(), status
+        seconds = ended - job.started
         self.timings.append({"phase": job.phase, "stage": job.name, "status": status,
-                             "start_s": round(job.started, 2), "end_s": round(job.ended, 2),
+                             "start_s": round(job.started, 2), "end_s": round(ended, 2),
                              "seconds": round(seconds, 2), "log": str(job.log.relative_to(self.record.parent))})
-        self.say(f"{status.split(' ')[0]:<7} {job.phase:<14} {job.name:<28} {seconds:7.1f} s", at=job.ended)
+        self.say(f"{status.split(' ')[0]:<7} {job.phase:<14} {job.name:<28} {seconds:7.1f} s", at=ended)
         if self.on_record is not None:
             self.on_record()
 

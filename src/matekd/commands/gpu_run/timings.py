@@ -30,24 +30,25 @@ def phase_times(timings: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]
 def epoch_costs(project: Path, params: Any) -> dict[str, Any]:
     """Seconds per epoch of training (evaluation excluded) as measured by every teacher and
     student of the run (from metrics/teachers and metrics/student)."""
+    from ...paths import student_paths, teacher_paths
+    from ...storage import read_safetensors_metadata
+
     out: dict[str, Any] = {"teachers": {}, "student_groups": {}}
     for name, recipe in params.teachers.items():
-        metrics = read_json_or_none(project / "metrics" / "teachers" / f"{name}.json")
+        metrics = read_json_or_none(teacher_paths(name, project)["metrics"])
         if metrics and metrics.get("epochs"):
             out["teachers"][name] = {
                 "seconds": metrics["seconds"], "epochs": metrics["epochs"],
                 "seconds_per_epoch": metrics["seconds"] / metrics["epochs"], "batch_size": recipe.batch_size,
                 "images_per_second": metrics.get("images_per_second"), "train_images": metrics.get("train_images")}
-    from ...paths import student_paths
-    from ...report import safetensors_metadata
-
     groups: dict[str, dict[str, Any]] = {}
     for path in sorted((project / "metrics" / "student").glob("*.json")):
         metrics = read_json_or_none(path)
         if not (metrics and metrics.get("epochs")):
             continue
         try:   # students trained together carry their group's digest (and share its time)
-            key = safetensors_metadata(student_paths(path.stem, project)["weights"]).get("group_digest") or path.stem
+            weights = student_paths(path.stem, project)["weights"]
+            key = read_safetensors_metadata(weights).get("group_digest") or path.stem
         except (OSError, ValueError):
             key = path.stem
         group = groups.setdefault(key, {"students": [], "seconds": metrics["seconds"], "epochs": metrics["epochs"],
@@ -60,7 +61,9 @@ def epoch_costs(project: Path, params: Any) -> dict[str, Any]:
 
 def _logit_pairs(project: Path, teacher: str) -> int | None:
     """(image, variant) pairs whose logits the cache computed (its mask), without loading logits."""
-    path = project / "cams" / f"{teacher}.safetensors"
+    from ...paths import cache_path
+
+    path = cache_path(teacher, project)
     if not path.is_file():
         return None
     try:
@@ -80,6 +83,8 @@ def paper_extrapolation(project: Path, params: Any, paper: Any, phases: dict[str
     read from `project` by epoch_costs): per model (seconds per epoch measured here) x (the
     paper's epochs). Same data sizes, so evaluate and report are taken as measured. Caveats are
     listed with the numbers."""
+    from ...paths import cache_metrics_path
+
     if costs is None:
         costs = epoch_costs(project, params)
     out: dict[str, Any] = {"teachers": {}, "caches": {}, "notes": []}
@@ -96,7 +101,7 @@ def paper_extrapolation(project: Path, params: Any, paper: Any, phases: dict[str
         total += seconds
     n_train = next((c.get("train_images") for c in costs["teachers"].values() if c.get("train_images")), None)
     for name in paper.teachers:
-        metrics = read_json_or_none(project / "metrics" / "cache" / f"{name}.json")
+        metrics = read_json_or_none(cache_metrics_path(name, project))
         if not metrics:
             continue
         pairs = _logit_pairs(project, name)
