@@ -10,9 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from matekd.precision import reset_precision
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _library_precision():
+    """A stage run in-process sets the process's precision; the next test starts from the
+    library default again (CPU fp32, CUDA bf16)."""
+    yield
+    reset_precision()
 
 
 @pytest.fixture(autouse=True)

@@ -19,8 +19,9 @@ from .augment import crop_flip, num_variants, variant_params
 from .errors import CacheError, MatekdError
 from .params import Params
 from .paths import cache_path, teacher_paths
+from .precision import autocast
 from .storage import load_tensors, sha256_file
-from .train import PAD, autocast, image_variants, model_input
+from .train import PAD, image_variants, model_input
 
 CACHE_VERSION = "1"
 

@@ -240,6 +240,8 @@ class Params(Strict):
     profile: str = "quick"
     seed: int = Field(default=0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # auto: bf16 autocast + channels_last on CUDA and on CPUs with native bf16, else fp32
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     deterministic: bool = False
     data: DataParams = Field(default_factory=DataParams)
     teachers: dict[str, Recipe]

@@ -493,7 +493,8 @@ def group_digest(params: Params, specs: Sequence[StudentSpec], data_hash: str) -
     never reused)."""
     names = [n for n in params.teachers if any(n in spec_teachers(s, params) for s in specs)]
     return digest_of("students", [s.identity for s in specs], teacher_hashes(names), params.cache.model_dump(),
-                     data_hash, params.device, params.deterministic, params.distill.teacher_signals, source_digest())
+                     data_hash, params.device, params.precision, params.deterministic, params.distill.teacher_signals,
+                     source_digest())
 
 
 def train_students(params: Params, specs: Sequence[StudentSpec], data: Prepared, device: torch.device,

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .augment import crop_flip, normalize, sample_crop_flip, variant_index
 from .errors import MatekdError, TrainingDiverged
 from .params import Recipe
+from .precision import autocast, memory_format
 from .storage import atomic_path, safe_torch_load
 
 PAD = 4  # random-crop zero padding of the CIFAR recipe
@@ -102,25 +103,12 @@ def image_variants(seed: int, epochs: int, n: int) -> torch.Tensor:
     return out
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; a no-op on the CPU (keeps CPU runs exact and deterministic)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
 def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return model.to(device).to(memory_format=memory_format(device))
 
 
 def model_input(images_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
-    x = normalize(images_uint8)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
+    return normalize(images_uint8).contiguous(memory_format=memory_format(device))
 
 
 @torch.inference_mode()
@@ -262,14 +250,16 @@ def fit(*, model: nn.Module, step_fn: StepFn, recipe: Recipe, train_images: torc
         desc: str, log_every: int = 20, test_images: torch.Tensor | None = None,
         test_labels: torch.Tensor | None = None, epoch_hook: EpochHook | None = None,
         predict: Predict | None = None, slot_terms: list[set[str]] | None = None,
-        progress: bool = True) -> list[FitResult]:
+        progress: bool = True, test_every_epoch: bool = False) -> list[FitResult]:
     """Train `model` (one network holding S = len(seeds) students, S = 1 alone) for
     recipe.epochs with SGD + schedule, checkpointing every epoch.
 
     Student s draws its shuffling and augmentation from seeds[s] and logs to runs[s] (only the
     terms in slot_terms[s]). `train_images` are uint8 NCHW on `device`. `step_fn(batch, epoch)`
     returns the summed loss and per-student values. `predict(images, batch)` gives every
-    student's logits (default: `model` is one plain network). If `checkpoint` holds a state
+    student's logits (default: `model` is one plain network). The test set (if given) is scored
+    after the last epoch only unless `test_every_epoch`: it never steers training, and scoring
+    it every epoch costs a CPU study of 18 students many minutes. If `checkpoint` holds a state
     with the same `digest`, training resumes after its epoch. Returns one result per student.
     """
     slots = len(seeds)
@@ -344,8 +334,9 @@ def fit(*, model: nn.Module, step_fn: StepFn, recipe: Recipe, train_images: torc
         epoch_sums = torch.stack([v.float() for v in sums.values()]).T.tolist()
         accuracy_train = (correct / seen).tolist()
         val_acc = slot_accuracy(predict, val_images, val_labels, recipe.eval_batch_size, slots)
+        score_test = test_every_epoch or epoch + 1 == recipe.epochs
         test_acc = (slot_accuracy(predict, test_images, test_labels, recipe.eval_batch_size, slots)
-                    if test_images is not None and test_labels is not None else None)
+                    if score_test and test_images is not None and test_labels is not None else None)
         seconds += epoch_seconds
         records = []
         for s in range(slots):

@@ -22,6 +22,7 @@ import torch
 from ..augment import num_variants, sample_crop_flip
 from ..models import build_model
 from ..params import Params
+from ..precision import cpu_supports_bf16, resolve_precision, use_precision
 from ..storage import write_json
 from ..students import TeacherSignals, group_step, make_group, resolve_spec
 from ..train import PAD, device_labels, device_name, make_batch, make_optimizer, optimise, prepare_model, resolve_device
@@ -48,12 +49,58 @@ def _time_steps(step_fn, model, images, labels, batch_size, slots, repeats, warm
     return times
 
 
+def bench_precisions(params: Params, device: torch.device) -> list[str]:
+    """The precisions to time: the configured one, and on a bf16-capable CPU both fp32 and bf16
+    side by side (the CPU is where the choice is a trade-off worth seeing)."""
+    configured = resolve_precision(params.precision, device)
+    if device.type == "cpu" and cpu_supports_bf16():
+        return ["fp32", "bf16"]
+    return [configured]
+
+
 def run_bench(params: Params, batch_size: int | None = None, repeats: int = 20, warmup: int = 3,
               together: int | None = None, output: str | Path = "metrics/bench.json") -> dict:
     device = resolve_device(params.device)
-    torch.manual_seed(0)
     batch_size = batch_size or params.distill.recipe.batch_size
     together = together or max(params.ablation.group_size, 4)
+    configured = resolve_precision(params.precision, device)
+    by_precision = {}
+    for precision in bench_precisions(params, device):
+        use_precision(precision, device)
+        by_precision[precision] = _bench_steps(params, device, batch_size, repeats, warmup, together)
+    use_precision(configured, device)
+    results = by_precision.get(configured) or next(iter(by_precision.values()))
+    alone, grouped = results["mate_kd_cached"], results[f"mate_kd_cached_x{together}"]
+    # One at a time, K students share the device in turn: each advances at alone/K images per second.
+    speedup = grouped["images_per_second"] / alone["images_per_second"]
+    device_label = device_name(device)
+    report = {"device": device_label, "precision": configured, "batch_size": batch_size, "repeats": repeats,
+              "warmup": warmup, "teachers": list(params.teachers), "student": params.distill.student,
+              "torch": torch.__version__, "together": together, "together_speedup": speedup, "steps": results,
+              "by_precision": by_precision}
+    names = list(by_precision)
+    print(f"student step cost on {device_label}, batch {batch_size} per student, median of {repeats} steps "
+          f"({configured} is what training uses):")
+    header = "".join(f" {p + ' ms':>10} {p + ' img/s':>11} {'x CE':>5}" for p in names)
+    print(f"{'variant':<22}{header}" + (f" {'bf16 gain':>9}" if len(names) > 1 else ""))
+    for label in results:
+        rows = [by_precision[p][label] for p in names]
+        cells = "".join(f" {r['median_s'] * 1e3:10.1f} {r['images_per_second']:11.0f} {r['ratio_to_ce']:5.2f}"
+                        for r in rows)
+        gain = (f" {by_precision['fp32'][label]['median_s'] / by_precision['bf16'][label]['median_s']:8.2f}x"
+                if len(names) > 1 else "")
+        print(f"{label:<22}{cells}{gain}")
+    print(f"{together} students together: {speedup:.2f}x the throughput of one at a time "
+          f"({grouped['images_per_second_per_student']:.0f} vs {alone['images_per_second'] / together:.0f} "
+          "images/s per student)")
+    write_json(output, report)
+    return report
+
+
+def _bench_steps(params: Params, device: torch.device, batch_size: int, repeats: int, warmup: int,
+                 together: int) -> dict:
+    """Median step times of every variant at the precision in force."""
+    torch.manual_seed(0)
     names = list(params.teachers)
     k, n = len(names), max(batch_size * 4, 256)
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, device=device)
@@ -88,20 +135,4 @@ def run_bench(params: Params, batch_size: int | None = None, repeats: int = 20, 
     base = results["ce"]["median_s"]
     for entry in results.values():
         entry["ratio_to_ce"] = entry["median_s"] / base / entry["students"]
-    alone, grouped = results["mate_kd_cached"], results[f"mate_kd_cached_x{together}"]
-    # One at a time, K students share the device in turn: each advances at alone/K images per second.
-    speedup = grouped["images_per_second"] / alone["images_per_second"]
-    device_label = device_name(device)
-    report = {"device": device_label, "batch_size": batch_size, "repeats": repeats, "warmup": warmup,
-              "teachers": names, "student": params.distill.student, "torch": torch.__version__,
-              "together": together, "together_speedup": speedup, "steps": results}
-    print(f"student step cost on {device_label}, batch {batch_size} per student, median of {repeats} steps:")
-    print(f"{'variant':<22} {'ms/step':>9} {'img/s':>9} {'img/s/student':>14} {'x CE':>6}")
-    for label, entry in results.items():
-        print(f"{label:<22} {entry['median_s'] * 1e3:9.1f} {entry['images_per_second']:9.0f} "
-              f"{entry['images_per_second_per_student']:14.0f} {entry['ratio_to_ce']:6.2f}")
-    print(f"{together} students together: {speedup:.2f}x the throughput of one at a time "
-          f"({grouped['images_per_second_per_student']:.0f} vs {alone['images_per_second'] / together:.0f} "
-          "images/s per student)")
-    write_json(output, report)
-    return report
+    return results

@@ -106,6 +106,18 @@ class _Doc:
         self.long.append({"table": table, "model": model, "metric": metric, "value": as_float(value)})
 
 
+def bf16_parts(inputs: Inputs) -> list[str] | None:
+    """Which parts ran in bf16, as their metric files record it (`bf16`, evaluation's
+    `precision`); None when no file records a precision (outputs older than the param)."""
+    recorded = {"teachers": [m.get("bf16") for m in inputs.teachers.values()],
+                "students": [m.get("bf16") for m in inputs.students.values()],
+                "evaluation": [1 if e.get("precision") == "bf16" else (0 if e.get("precision") else None)
+                               for e in inputs.evals.values()]}
+    if all(v is None for values in recorded.values() for v in values):
+        return None
+    return [part for part, values in recorded.items() if any(v == 1 for v in values)]
+
+
 def build_report(inputs: Inputs, params: Params, out: Path) -> dict[str, Any]:
     """Write results.md, results.csv, figures/ and plots/ into `out`; return a summary
     (models, missing inputs, headline metrics for MLflow, labels, shortcuts, figures)."""
@@ -115,7 +127,7 @@ def build_report(inputs: Inputs, params: Params, out: Path) -> dict[str, Any]:
     labels = data_labels(inputs, params)
     frame = model_frame(inputs, params)
     runs = ablation_runs(frame)
-    cuts = shortcuts(params, [str(d) for d in frame["device"].dropna()])
+    cuts = shortcuts(params, [str(d) for d in frame["device"].dropna()], bf16_parts(inputs))
     doc = _Doc()
     missing = list(inputs.problems) + labels.notes + _missing_inputs(inputs, params, frame)
     doc.md.append(f"# MATE-KD results ({labels.heading()})\n")

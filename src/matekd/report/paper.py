@@ -25,13 +25,14 @@ CLAIMED = [("ResNet110", 93.5, "1.7M", "6.8MB", 74.05), ("DenseNet121", 94.2, "7
            ("VGG19", 93.8, "20M", "80MB", 73.47), ("Student ResNet20 (MATE-KD)", 90.22, "0.27M", "1.1MB", 68.51)]
 
 
-def shortcuts(params: Params, devices: Sequence[str] = ()) -> list[str]:
+def shortcuts(params: Params, devices: Sequence[str] = (), bf16_parts: Sequence[str] | None = None) -> list[str]:
     """Every way the configured experiment departs from the paper setting (docs/method.md,
     Defaults: 200 epochs, batch 128, SGD lr 0.1 with Nesterov momentum 0.9, weight decay 5e-4,
     cosine schedule; ResNet110/DenseNet121/VGG19 teachers, a ResNet20 student; 45k/5k/10k
     images; the full CIFAR-10-C), one plain sentence each, derived from the params (and from the
-    `devices` the models were evaluated on: a GPU means bf16 autocast). Speed-ups that are exact
-    by construction are listed too, and say so."""
+    `devices` the models were evaluated on, and `bf16_parts`, the parts of the pipeline the metric
+    files record as run in bf16, e.g. ["teachers", "students"]; without that record (older
+    outputs) a GPU means bf16). Speed-ups that are exact by construction are listed too, and say so."""
     out: list[str] = []
     if tuple(sorted(params.teachers)) != tuple(sorted(PAPER_TEACHERS)):
         out.append(f"teachers {', '.join(params.teachers)} instead of the paper's {', '.join(PAPER_TEACHERS)}")
@@ -43,7 +44,11 @@ def shortcuts(params: Params, devices: Sequence[str] = ()) -> list[str]:
     out += _data_shortcuts(params)
     out += _distill_shortcuts(params)
     gpus = sorted({d for d in devices if d and not str(d).startswith("cpu")})
-    if gpus:
+    if bf16_parts:
+        where = f" on {', '.join(sorted({str(d) for d in devices if d}))}" if devices else ""
+        out.append(f"bf16 autocast and channels_last for {', '.join(bf16_parts)}{where} (precision param); "
+                   "the paper recipe is fp32")
+    elif gpus and bf16_parts is None:
         out.append(f"bf16 autocast and channels_last on the GPU ({', '.join(gpus)}); the paper recipe is fp32")
     return out
 

@@ -13,6 +13,7 @@ from ..cache import cache_metadata, teacher_maps, used_variants, variant_logits
 from ..data.prepared import load_prepared
 from ..params import Params, flatten
 from ..paths import cache_metrics_path, cache_path, teacher_paths
+from ..precision import bf16_enabled
 from ..storage import save_tensors, sha256_file, write_json
 from ..teachers import load_teacher
 from ..train import device_labels
@@ -62,7 +63,7 @@ def run_cache(params: Params, name: str, prepared_dir: str | Path = "prepared") 
         # the device is a tag of the tracked run.
         summary = {"map_seconds": map_seconds, "logit_seconds": logit_seconds,
                    "images": int(tensors["train_maps"].shape[0] + tensors["val_maps"].shape[0]),
-                   "resolution": res,
+                   "resolution": res, "bf16": int(bf16_enabled(device)),
                    "map_mean": float(tensors["train_maps"].float().mean()),
                    "zero_map_fraction": float((tensors["train_maps"].flatten(1).amax(1) == 0).float().mean())}
         write_json(cache_metrics_path(name), summary)

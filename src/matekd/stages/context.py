@@ -12,6 +12,7 @@ import torch
 
 from ..data.prepared import Prepared
 from ..params import Params
+from ..precision import active_precision, use_precision
 from ..tracking import NullRun, start_run
 from ..train import configure_determinism, device_name, resolve_device
 
@@ -24,15 +25,18 @@ class StageContext:
 
 
 def prepare_device(params: Params, seed: int | None = None) -> torch.device:
-    """The stage's device, with torch seeded and its kernels chosen (deterministic or not)."""
+    """The stage's device, with torch seeded, its kernels chosen (deterministic or not) and its
+    precision resolved."""
     device = resolve_device(params.device)
     configure_determinism(params.seed if seed is None else seed, params.deterministic)
+    use_precision(params.precision, device)
     return device
 
 
 def stage_tags(params: Params, device: torch.device, data_hash: str | None) -> dict[str, Any]:
     """The tags every tracked run of a stage carries."""
-    return {"profile": params.profile, "device": device_name(device), "params_sha256": params.digest(),
+    return {"profile": params.profile, "device": device_name(device), "precision": active_precision(device),
+            "params_sha256": params.digest(),
             "dataset_sha256": data_hash or "none"}
 
 

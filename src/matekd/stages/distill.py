@@ -30,6 +30,7 @@ from ..errors import MatekdError, ParamsError
 from ..models import count_parameters, model_size_mb
 from ..params import Params, validate_params
 from ..paths import GROUP_STORE_DIR, student_paths
+from ..precision import active_precision, bf16_enabled, use_precision
 from ..storage import atomic_path, read_json, read_safetensors_metadata, save_tensors, write_history_csv, write_json
 from ..students import (
     StudentRun,
@@ -65,13 +66,14 @@ def write_outputs(trained: StudentRun, params: Params, data: Prepared, device: t
     teachers = spec_teachers(spec, params)
     meta = {"architecture": spec.distill.student, "method": spec.method.name, "seed": str(spec.seed),
             "output": spec.output, "teachers": ",".join(teachers), "dataset_sha256": data.manifest_hash,
-            "device": device_name(device), "tuned_from": spec.tuned_from or "", **record}
+            "device": device_name(device), "precision": active_precision(device),
+            "tuned_from": spec.tuned_from or "", **record}
     save_tensors(paths["weights"], {k: v.detach().cpu() for k, v in trained.model.state_dict().items()}, meta)
     last = result.history[-1]
     metrics = {"val_acc": last["val_acc"], "test_acc": last.get("test_acc"), "train_acc": last["train_acc"],
                "seed": spec.seed, "params": count_parameters(trained.model), "size_mb": model_size_mb(trained.model),
                "epochs": spec.distill.recipe.epochs, "seconds": result.seconds,
-               "images_per_second": result.images_per_second}
+               "images_per_second": result.images_per_second, "bf16": int(bf16_enabled(device))}
     weighting = weighting_summary(result.history, teachers)
     if weighting:
         metrics["weighting"] = weighting
@@ -253,6 +255,7 @@ def _train_groups(params_dump: dict, device: str, outputs: list[list[str]], prep
     for members in outputs:
         group = [by_output[o] for o in members]
         configure_determinism(group[0].seed, params.deterministic)
+        use_precision(params.precision, torch_device)
         train_group(params, group, data, torch_device, progress)
 
 

@@ -39,6 +39,7 @@ from ..models import count_parameters, model_size_mb
 from ..params import Params, flatten
 from ..paths import EVAL_DIR, SUMMARY_METRICS
 from ..plotting import png_bytes
+from ..precision import active_precision
 from ..storage import atomic_dir, write_json
 from ..teachers import load_teacher
 from ..train import device_labels, device_name
@@ -91,7 +92,8 @@ def run_evaluate(params: Params, prepared_dir: str | Path = "prepared", corrupte
                   "cifar10c_kind": c_manifest.get("kind"), "cifar10c_seed": c_manifest.get("seed"),
                   "cifar10c_images_per_severity": c_images, "cifar10c_skipped": skipped,
                   "cifar10c_matches_prepared": c_matches,
-                  "device": device_name(device), "params_sha256": params.digest()}
+                  "device": device_name(device), "precision": active_precision(device),
+                  "params_sha256": params.digest()}
         for name, model in models.items():
             clean = evaluate_clean(model, test_x, data.test_labels, cfg.batch_size, device, num_classes)
             summary = summarise_corruption(table[name])

@@ -10,6 +10,7 @@ from ..errors import ParamsError
 from ..models import build_model, count_parameters, model_size_mb
 from ..params import Params, flatten
 from ..paths import teacher_paths
+from ..precision import bf16_enabled
 from ..storage import digest_of, save_tensors, write_history_csv, write_json
 from ..train import accuracy, cross_entropy_step, device_labels, fit, prepare_model
 from .context import log_prepared_input, stage
@@ -19,7 +20,8 @@ TIMING_KEYS = ("seconds", "images_per_second")  # wall-clock: the only non-deter
 
 def logged_params(params: Params, name: str) -> dict:
     """What this teacher's run depends on: its recipe, the seed and the data split."""
-    return {"teacher": name, "seed": params.seed, "device": params.device, "deterministic": params.deterministic,
+    return {"teacher": name, "seed": params.seed, "device": params.device, "precision": params.precision,
+            "deterministic": params.deterministic,
             **flatten({"teachers": {name: params.teachers[name].model_dump(mode="json")}}),
             **flatten({"data": params.data.model_dump(mode="json")})}
 
@@ -32,7 +34,7 @@ def run_train_teacher(params: Params, name: str, prepared_dir: str | Path = "pre
     recipe = params.teachers[name]
     data = load_prepared(prepared_dir)
     paths = teacher_paths(name)
-    digest = digest_of("teacher", name, recipe.model_dump(), params.seed, data.manifest_hash)
+    digest = digest_of("teacher", name, recipe.model_dump(), params.seed, params.precision, data.manifest_hash)
     with stage(params, name="train_teacher", run_name=f"teacher {name}", data_hash=data.manifest_hash,
                tags={"model": name}, log_params=logged_params(params, name)) as ctx:
         log_prepared_input(ctx.run, data)
@@ -59,6 +61,7 @@ def run_train_teacher(params: Params, name: str, prepared_dir: str | Path = "pre
             "params": count_parameters(model), "size_mb": model_size_mb(model),
             "epochs": recipe.epochs, "seconds": result.seconds,
             "images_per_second": result.images_per_second, "train_images": int(train_x.shape[0]),
+            "bf16": int(bf16_enabled(device)),   # numbers only: 1 = bf16 autocast, 0 = fp32
         }
         write_json(paths["metrics"], metrics)
         write_history_csv(paths["plots"], result.history)

@@ -34,6 +34,7 @@ from ..errors import MatekdError, ParamsError, TrainingDiverged
 from ..methods import Method
 from ..methods import get as get_method
 from ..params import Params, validate_params
+from ..precision import use_precision
 from ..students import SignalsLoader, TeacherSignals, load_signals, resolve_spec, train_students
 from ..tracking import NullRun
 from ..train import assign_round_robin, configure_determinism, visible_devices
@@ -158,6 +159,7 @@ def run_worker(job: WorkerJob, data: Prepared | None = None,
     if device.type == "cuda":
         torch.cuda.set_device(device)
     configure_determinism(params.distill.seed, params.deterministic)
+    use_precision(params.precision, device)
     data = data if data is not None else load_prepared(job.prepared_dir)
     study = optuna.load_study(study_name=job.study_name, storage=job.storage.open(),
                               sampler=make_sampler(params.tune, job.worker), pruner=make_pruner(params.tune))
