@@ -9,12 +9,15 @@ small synthetic image-folder archive.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from helpers_repo import clone_repo, reproduced_repo, run, stages_run
+from matekd.precision import resolve_precision
 
 pytestmark = pytest.mark.slow
 
@@ -76,10 +79,15 @@ def test_mlflow_holds_one_run_per_teacher_with_per_epoch_metrics(repo, first_rep
             history = client.get_metric_history(teacher_run.info.run_id, key)
             # step = the 0-based epoch index (train.fit: shared with the per-epoch images)
             assert [m.step for m in history] == list(range(epochs)), key
-        for tag in ("git_commit", "git_dirty", "dataset_sha256", "profile", "device", "torch_version",
+        for tag in ("git_commit", "git_dirty", "dataset_sha256", "profile", "device", "precision", "torch_version",
                     "params_sha256"):
             assert teacher_run.data.tags.get(tag), tag
         model = teacher_run.data.tags["model"]
+        # precision auto: what this machine resolves it to, in the run and in the metrics file
+        resolved = resolve_precision(params["precision"], torch.device("cpu"))
+        assert teacher_run.data.tags["precision"] == resolved
+        metrics = json.loads((repo / "metrics" / "teachers" / f"{model}.json").read_text())
+        assert metrics["bf16"] == int(resolved == "bf16")
         assert teacher_run.data.params[f"teachers.{model}.lr"] == str(params["teachers"][model]["lr"])
         assert teacher_run.info.status == "FINISHED"
 

@@ -609,3 +609,18 @@ def test_shortcuts_name_a_shared_data_stream_and_gpu_precision() -> None:
     assert any(c.startswith("one data stream for every student (distill.data_seed 0)") for c in cuts)
     assert any(c.startswith("bf16 autocast and channels_last on the GPU (NVIDIA H200)") for c in cuts)
     assert not any("bf16" in c for c in shortcuts(paper_params(), ["cpu (2 threads)"]))
+
+
+def test_shortcuts_name_what_ran_in_bf16_from_the_metric_files() -> None:
+    from matekd.report.document import bf16_parts
+    from matekd.report.inputs import Inputs
+
+    recorded = Inputs(teachers={"resnet110": {"bf16": 1}}, students={"ce-seed0": {"bf16": 1}},
+                      evals={"resnet110": {"precision": "fp32"}})
+    assert bf16_parts(recorded) == ["teachers", "students"]
+    assert bf16_parts(Inputs(teachers={"resnet110": {"test_acc": 0.9}})) is None   # older outputs: no record
+    cuts = shortcuts(paper_params(), ["cpu (2 threads)"], bf16_parts(recorded))
+    assert "bf16 autocast and channels_last for teachers, students on cpu (2 threads) (precision param); " \
+           "the paper recipe is fp32" in cuts
+    # recorded fp32 everywhere: no bf16 line even on a GPU
+    assert not any("bf16" in c for c in shortcuts(paper_params(), ["NVIDIA H200"], []))
