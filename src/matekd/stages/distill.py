@@ -46,7 +46,7 @@ from ..students import (
     train_students,
     weighting_summary,
 )
-from ..tracking import ModelBuilder
+from ..tracking import ModelBuilder, record_output
 from ..train import assign_round_robin, configure_determinism, device_name, visible_devices
 from .context import log_prepared_input, prepare_device, stage_tags, tracked_run
 
@@ -122,10 +122,13 @@ def train_and_write(params: Params, specs: Sequence[StudentSpec], kind: str, dat
         example = normalize(to_device_tensor(data.val_images[:2], "cpu")).contiguous().numpy()
         all_metrics = []
         for run, student in zip(runs, trained):
-            record = {"mlflow_run_id": run.run_id or "", "run_kind": kind}
+            # Only what the student is goes into its files; which run made them is kept apart
+            # (tracking.record_output), so identical trainings write identical bytes.
+            record = {"run_kind": kind}
             if group:
                 record.update({f"group_{k}": str(v) for k, v in group.items()})
             metrics = write_outputs(student, params, data, device, root, record)
+            record_output(run, "weights", student_paths(student.spec.output, root)["weights"])
             run.log_metrics(_final_metrics(metrics))
             for key in ("metrics", "plots", "histograms"):
                 run.log_artifact(student_paths(student.spec.output, root)[key], "outputs")

@@ -42,6 +42,7 @@ from ..plotting import png_bytes
 from ..precision import active_precision
 from ..storage import atomic_dir, write_json
 from ..teachers import load_teacher
+from ..tracking import producing_run
 from ..train import device_labels, device_name
 from .context import stage, tracked_run
 
@@ -83,6 +84,7 @@ def run_evaluate(params: Params, prepared_dir: str | Path = "prepared", corrupte
         for path in student_files:
             name = f"student-{path.stem}"
             students[name], student_meta[name] = load_student(path, params.distill.student, device)
+            student_meta[name]["training_run"] = producing_run(path) or {}
         models = {**teachers, **students}
         test_x = to_device_tensor(data.test_images, device)
         table = corruption_table(models, corrupted, c_labels, cfg.batch_size, device, progress)
@@ -233,8 +235,10 @@ def _log_per_model(params: Params, parent: Any, results: dict[str, dict], metric
                 "cifar10c": entry["corruption_dataset"], "profile": params.profile}
         logged = {"model": name, "architecture": entry["architecture"]}
         if entry["kind"] == "student":
-            tags.update({"method": entry.get("method") or "", "seed": entry.get("seed"), "output": entry["output"],
-                         "training_run_id": meta.get("mlflow_run_id", "")})
+            tags.update({"method": entry.get("method") or "", "seed": entry.get("seed"), "output": entry["output"]})
+            training = meta.get("training_run") or {}
+            if training.get("mode") == parent.mode:  # an id of this store (offline ids are mapped at sync)
+                tags["training_run_id"] = training["run_id"]
             logged.update({"distill.method": entry.get("method"), "distill.seed": entry.get("seed")})
         with tracked_run(params, run_name=f"eval {name}", stage="evaluate-model", log_params=logged, tags=tags,
                          parent_run_id=parent.run_id) as run:

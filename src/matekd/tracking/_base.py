@@ -118,6 +118,7 @@ class NullRun:
 
     run_id: str | None = None
     active = False
+    mode = "off"   # the tracking mode (tracking_mode) whose ids run_id is one of
 
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None: ...
     def log_params(self, params: dict[str, Any]) -> None: ...

@@ -48,6 +48,7 @@ class MlflowRun(NullRun):
     so a tracking hiccup never stops training (DVC outputs are still written)."""
 
     active = True
+    mode = "online"
 
     def __init__(self, client: Any, run_id: str):
         self.client = client

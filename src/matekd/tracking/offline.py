@@ -97,6 +97,7 @@ class OfflineRun(NullRun):
     training goes on, as for the online tracker."""
 
     active = True
+    mode = "offline"
 
     def __init__(self, folder: Path, record: dict[str, Any]):
         self.folder = folder

@@ -42,6 +42,9 @@ from .offline import RUN_FILE, OfflineRecord, iter_parents_first, load_image, re
 OFFLINE_ID_TAG = "matekd.offline_run_id"
 IMPORTING_TAG = "matekd.sync_importing"
 SYNC_NOTE_TAG = "matekd.sync_note"
+# Tags whose value is another run's id: an offline id there becomes the imported run's MLflow id
+# (runs are imported in start order, so a training run comes before the evaluation naming it).
+RUN_LINK_TAGS = ("training_run_id",)
 
 
 @dataclass
@@ -140,7 +143,7 @@ def _import_models(client: Any, run_id: str, record: OfflineRecord, summary: Syn
 
 
 def _import_run(client: Any, uri: str, record: OfflineRecord, parent: str | None, experiments: dict[str, str],
-                note: str | None, summary: SyncSummary) -> str:
+                note: str | None, summary: SyncSummary, mapping: dict[str, str]) -> str:
     from mlflow.entities import Metric, Param
 
     meta = record.meta
@@ -150,6 +153,9 @@ def _import_run(client: Any, uri: str, record: OfflineRecord, parent: str | None
     tags = dict(meta["tags"])
     tags[OFFLINE_ID_TAG] = record.run_id
     tags[IMPORTING_TAG] = json.dumps(process_identity(), sort_keys=True)
+    for key in RUN_LINK_TAGS:
+        if tags.get(key) in mapping:
+            tags[key] = mapping[tags[key]]
     if parent:
         tags["mlflow.parentRunId"] = parent
     status, end_time = meta["status"], meta["end_time"]
@@ -244,7 +250,8 @@ def sync_runs(folder: str | Path, tracking_uri: str | None = None) -> SyncSummar
                 note = (f"recorded offline as {current.meta['status']}, but its process had ended (killed?); "
                         "imported as FAILED with its last record's time as end time")
             parent = current.meta.get("parent_run_id")
-            run_id = _import_run(client, uri, current, mapping.get(parent, parent), experiments, note, summary)
+            run_id = _import_run(client, uri, current, mapping.get(parent, parent), experiments, note, summary,
+                                 mapping)
             created.append(run_id)
             mapping[current.run_id] = run_id
             summary.imported[current.run_id] = run_id
