@@ -100,7 +100,14 @@ def fail_orphans(study: optuna.Study, pids: set[int] | None = None) -> list[int]
 
 
 def fail_stale(study: optuna.Study) -> None:
-    """Local orphans now; remote ones once their heartbeat is older than the grace period."""
+    """Local orphans now; remote ones once their heartbeat is older than the grace period.
+
+    Called by a worker before it counts the study's trials to decide whether to start one.
+    `study.optimize` runs Optuna's `fail_stale_trials` too, but only when it starts a trial: a
+    dead remote worker's trial, still RUNNING, would be counted as running and could stop every
+    worker short of the target, so nothing would ever start the trial that fails it. The local
+    check (fail_orphans) is not Optuna's: it acts at once and also on journal files, which have
+    no heartbeat."""
     fail_orphans(study)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
