@@ -74,8 +74,9 @@ def name_problem(kind: str, name: Any) -> str | None:
     if not isinstance(name, str) or not name:
         return f"{kind} key {name!r} is not a non-empty string"
     try:
-        from mlflow.exceptions import MlflowException
-        from mlflow.utils import validation
+        from .mlflow_private import mlflow_name_problem
+
+        problem = mlflow_name_problem(kind, name)
     except ImportError:
         import posixpath
 
@@ -86,12 +87,8 @@ def name_problem(kind: str, name: Any) -> str | None:
         if norm != name or norm == "." or norm.startswith("..") or norm.startswith("/"):
             return f"{kind} key {name!r} would resolve to another path ({norm!r})"
     else:
-        check = {"metric": validation._validate_metric_name, "param": validation._validate_param_name,
-                 "tag": validation._validate_tag_name}[kind]
-        try:
-            check(name)
-        except MlflowException as exc:
-            return f"{kind} key {name!r}: {exc.message}"
+        if problem:
+            return problem
     if len(name) > MAX_KEY_LENGTH:
         return f"{kind} key {name[:40]!r}... is longer than {MAX_KEY_LENGTH} characters"
     return None

@@ -1,7 +1,8 @@
 """The online tracker: runs in an MLflow store through `MlflowClient` (mlflow imported lazily).
 
 Also: the store's get-or-create of experiments, closing runs that a killed process left
-RUNNING, relocating a copied or moved default store, and deleting runs (sync roll-back)."""
+RUNNING, and deleting runs (sync roll-back). Relocating a copied or moved default store is raw
+SQL on MLflow's tables: see mlflow_private."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import contextlib
 import logging
 import os
 import shutil
-import sqlite3
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +28,8 @@ from ._base import (
     retry,
 )
 from .context import STALE_TAG, owned_by_dead_process, process_identity, stale_note
-from .roots import artifact_root, default_store_dir, is_default_store, sqlite_path, uri_to_path
+from .mlflow_private import relocate_store
+from .roots import artifact_root, is_default_store, uri_to_path
 
 log = logging.getLogger("matekd.tracking")
 _BATCH_SIZES = {"metrics": MAX_METRICS_PER_BATCH, "params": MAX_PARAMS_TAGS_PER_BATCH,
@@ -249,116 +250,32 @@ def close_stale_runs(client: Any, exp_id: str, stage: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# a copied or moved default store
-
-_RELOCATED = (("experiments", "artifact_location"), ("runs", "artifact_uri"), ("logged_models", "artifact_location"))
-
-
-def _old_store_dirs(locations: list[str], here: Path) -> set[Path]:
-    """Other `<X>/mlruns` folders that experiments keep their artifacts in (`<X>/mlruns/artifacts`,
-    the layout matekd creates), which are not this store's folder."""
-    found = set()
-    for location in locations:
-        path = uri_to_path(location or "")
-        if path is None or path.name != "artifacts" or path.parent.name != here.name:
-            continue
-        old = path.parent
-        if old == here:
-            continue
-        with contextlib.suppress(OSError):
-            if (old / "mlflow.db").exists() and os.path.samefile(old / "mlflow.db", here / "mlflow.db"):
-                continue  # the same store under another name (a symlink)
-        found.add(old)
-    return found
-
-
-def relocate_store(uri: str) -> int:
-    """Make a copied or moved checkout's default store log into its own `mlruns/`.
-
-    MLflow records absolute artifact locations (experiments.artifact_location, runs.artifact_uri,
-    logged_models.artifact_location). A checkout copied or moved together with its mlruns/ would
-    silently write new artifacts into the old checkout's folder and show the old ones from
-    there. MLflow has no API to change an experiment's artifact location, so this rewrites the
-    prefix `<old>/mlruns/` to `<this repo>/mlruns/` (file URI and plain path forms) in those
-    columns, in one SQLite transaction. Only the default store is touched and only locations of
-    the `<X>/mlruns/artifacts` layout that is not this store's. Returns the rows changed."""
-    database = sqlite_path(uri)
-    if database is None or not database.exists():
-        return 0
-    here = database.parent.resolve()
-    if here != default_store_dir().resolve():
-        return 0
-    try:
-        con = sqlite3.connect(str(database), timeout=60, isolation_level=None)
-    except sqlite3.Error:
-        return 0
-    changed = 0
-    try:
-        tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if "experiments" not in tables:
-            return 0
-        locations = [row[0] for row in con.execute("SELECT artifact_location FROM experiments")]
-        if not _old_store_dirs(locations, here):
-            return 0
-        con.execute("BEGIN IMMEDIATE")
-        try:
-            old_dirs = _old_store_dirs([row[0] for row in con.execute("SELECT artifact_location FROM experiments")],
-                                       here)  # again, under the write lock: another process may have done it
-            for old in sorted(old_dirs):
-                for old_prefix, new_prefix in ((old.as_uri() + "/", here.as_uri() + "/"),
-                                               (f"{old}/", f"{here}/")):
-                    for table, column in _RELOCATED:
-                        if table not in tables:
-                            continue
-                        cursor = con.execute(
-                            f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
-                            f"WHERE substr({column}, 1, ?) = ?",
-                            (new_prefix, len(old_prefix) + 1, len(old_prefix), old_prefix))
-                        changed += cursor.rowcount
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        if changed:
-            log.warning("matekd: this MLflow store was copied or moved from %s; %d artifact locations now "
-                        "point into %s", ", ".join(map(str, sorted(old_dirs))), changed, here)
-    except sqlite3.Error as exc:
-        raise TrackingError(f"cannot relocate the MLflow store {database} to this checkout ({exc}); "
-                            f"run with {OFF_SWITCH}") from exc
-    finally:
-        con.close()
-    return changed
-
-
-# ---------------------------------------------------------------------------------------------
 # deleting runs (sync roll-back)
 
 def delete_runs(client: Any, run_ids: list[str]) -> tuple[bool, list[str]]:
     """Remove runs with their artifacts, logged models and registered versions: permanently
     where the store can (SQL stores; the steps of `mlflow gc --run-ids`), else soft-deleted.
     Returns (permanent, run ids that could not be removed)."""
+    from .mlflow_private import delete_artifacts, hard_delete_run, hard_delete_store
     from .models import delete_models_of_run
 
-    store = getattr(getattr(client, "_tracking_client", None), "store", None)
-    permanent = hasattr(store, "_hard_delete_run")
+    store = hard_delete_store(client)
     failed = []
     for run_id in reversed(run_ids):  # children before parents
         try:
             try:
-                delete_models_of_run(client, run_id, store if permanent else None)
+                delete_models_of_run(client, run_id, store)
             except Exception as exc:  # e.g. a store without a model registry: the run still goes
                 log.warning("matekd: could not remove the models of run %s (%s); delete them in MLflow", run_id, exc)
             artifact_uri = client.get_run(run_id).info.artifact_uri
             client.delete_run(run_id)
-            if permanent:
-                from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
+            if store is not None:
                 with contextlib.suppress(Exception):
-                    get_artifact_repository(artifact_uri).delete_artifacts()
+                    delete_artifacts(artifact_uri)
                     folder = uri_to_path(artifact_uri)
                     if folder is not None and folder.parent.is_dir() and not any(folder.parent.iterdir()):
                         shutil.rmtree(folder.parent, ignore_errors=True)  # the empty <run id>/ folder
-                store._hard_delete_run(run_id)
+                hard_delete_run(store, run_id)
         except Exception:
             failed.append(run_id)
-    return permanent, failed
+    return store is not None, failed

@@ -315,24 +315,23 @@ def log_to_store(client: Any, run_id: str, model: Any, request: ModelRequest,
 def delete_models_of_run(client: Any, run_id: str, store: Any = None) -> None:
     """Remove the registered versions and logged models of run `run_id` (before the run itself
     is removed by sync's roll-back or by the redo of an interrupted import), so that a run
-    imported again does not leave an extra version behind. With a SQL `store`, the logged
-    models are deleted permanently (as `mlflow gc` does), else soft-deleted. Raises on failure."""
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    imported again does not leave an extra version behind. With a SQL `store`
+    (mlflow_private.hard_delete_store), the logged models are deleted permanently (as `mlflow gc`
+    does), else soft-deleted. Raises on failure."""
+    from .mlflow_private import delete_artifacts, hard_delete_logged_model
 
     for version in client.search_model_versions(f"run_id = '{run_id}'"):
         client.delete_model_version(version.name, version.version)
     experiment = client.get_run(run_id).info.experiment_id
     for logged in client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'"):
         try:
-            get_artifact_repository(logged.artifact_location).delete_artifacts()
+            delete_artifacts(logged.artifact_location)
         except Exception:
             pass  # no artifacts (an export that failed) or already gone
         folder = uri_to_path(logged.artifact_location or "")
         if folder is not None and folder.name == "artifacts" and folder.parent.name == logged.model_id:
             shutil.rmtree(folder.parent, ignore_errors=True)
-        if hasattr(store, "_hard_delete_logged_model"):
-            store._hard_delete_logged_model(logged.model_id)
-        else:
+        if store is None or not hard_delete_logged_model(store, logged.model_id):
             client.delete_logged_model(logged.model_id)
 
 

@@ -37,7 +37,6 @@ import json
 import os
 import posixpath
 import shutil
-import socket
 import tempfile
 import threading
 import uuid
@@ -51,7 +50,14 @@ from ..errors import MatekdError
 from ..storage import atomic_dir, atomic_path, save_tensors, sha256_file
 from . import _base
 from ._base import NullRun, OfflineRunError, dataset_record, first_line, name_problem
-from .context import STALE_TAG, owned_by_dead_process, owned_by_live_process, process_identity, stale_note
+from .context import (
+    STALE_TAG,
+    host_identity,
+    owned_by_dead_process,
+    owned_by_live_process,
+    process_identity,
+    stale_note,
+)
 from .models import (
     ModelBuilder,
     ModelRequest,
@@ -116,7 +122,7 @@ class OfflineRun(NullRun):
         record = {"format": FORMAT, "run_id": run_id, "experiment": experiment, "run_name": run_name,
                   "parent_run_id": parent_run_id, "status": "RUNNING", "start_time": _base.now_ms(),
                   "end_time": None, "tags": {str(k): str(v) for k, v in tags.items()}, "params": {},
-                  "inputs": [], "host": socket.gethostname(), "pid": os.getpid()}
+                  "inputs": [], "host": host_identity(), "pid": os.getpid()}
         try:
             with atomic_dir(root / run_id) as staging:
                 for name in (METRICS_FILE, ARTIFACTS_FILE, IMAGES_FILE):
@@ -137,7 +143,7 @@ class OfflineRun(NullRun):
         except (OSError, ValueError):
             return None
         run = cls(folder, record)
-        run.record.update(status="RUNNING", end_time=None, host=socket.gethostname(), pid=os.getpid())
+        run.record.update(status="RUNNING", end_time=None, host=host_identity(), pid=os.getpid())
         run.record["tags"].update(process_identity())
         run._save("reopen")
         return run

@@ -35,7 +35,8 @@ from typing import Any
 from . import roots
 from ._base import MatekdError, OfflineRunError, TrackingError
 from .context import owned_by_live_process, process_identity
-from .mlflow_store import client_for, dataset_input, delete_runs, experiment_id, log_in_batches, relocate_store
+from .mlflow_private import relocate_store
+from .mlflow_store import client_for, dataset_input, delete_runs, experiment_id, log_in_batches
 from .models import ModelBuilder, ModelExportError, ModelRequestError, load_offline_model, log_to_store
 from .offline import RUN_FILE, OfflineRecord, iter_parents_first, load_image, read_folder
 
