@@ -266,6 +266,13 @@ def corruption_digest(manifest: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def test_set_digest(manifest: Mapping[str, Any]) -> str:
+    """sha256 identifying the prepared test split: of its image and label array hashes."""
+    arrays = manifest.get("arrays") or {}
+    content = {name: (arrays.get(name) or {}).get("sha256") for name in ("test_images", "test_labels")}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
 def corruption_label(manifest: Mapping[str, Any]) -> str:
     kind = manifest.get("kind")
     if kind == "official":

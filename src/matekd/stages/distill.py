@@ -128,13 +128,14 @@ def train_and_write(params: Params, specs: Sequence[StudentSpec], kind: str, dat
             if group:
                 record.update({f"group_{k}": str(v) for k, v in group.items()})
             metrics = write_outputs(student, params, data, device, root, record)
-            record_output(run, "weights", student_paths(student.spec.output, root)["weights"])
             run.log_metrics(_final_metrics(metrics))
             for key in ("metrics", "plots", "histograms"):
                 run.log_artifact(student_paths(student.spec.output, root)[key], "outputs")
-            run.log_model(student.model.cpu().eval(), name=student.spec.output, input_example=example,
-                          registered_name=f"matekd-student-{student.spec.method.name}",
-                          builder=ModelBuilder("matekd.models:build_model", {"name": student.spec.distill.student}))
+            model_id = run.log_model(
+                student.model.cpu().eval(), name=student.spec.output, input_example=example,
+                registered_name=f"matekd-student-{student.spec.method.name}",
+                builder=ModelBuilder("matekd.models:build_model", {"name": student.spec.distill.student}))
+            record_output(run, "weights", student_paths(student.spec.output, root)["weights"], model_id)
             all_metrics.append(metrics)
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)   # a finished run leaves no checkpoint to resume

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from ..evaluation import (
     load_student,
     stratified_order,
     summarise_corruption,
+    test_set_digest,
     to_json_safe,
 )
 from ..models import count_parameters, model_size_mb
@@ -122,8 +124,11 @@ def run_evaluate(params: Params, prepared_dir: str | Path = "prepared", corrupte
         write_summary(root / SUMMARY_METRICS, results)
         gradcam_summaries = {n: g for n, (g, _) in gradcam.items()}
         metrics = {name: model_metrics(entry, gradcam_summaries.get(name)) for name, entry in results.items()}
+        datasets = eval_datasets(data, c_manifest, corrupted_dir)
+        for dataset in datasets.values():
+            dataset.log_input(ctx.run)
         _log(ctx.run, root / EVAL_DIR, metrics)
-        _log_per_model(params, ctx.run, results, metrics, student_meta)
+        _log_per_model(params, ctx.run, results, metrics, student_meta, datasets)
     return results
 
 
@@ -224,11 +229,39 @@ def _log(run, folder: Path, metrics: dict[str, dict[str, float]]) -> None:
         run.log_artifact(path, "eval")
 
 
+@dataclass(frozen=True)
+class EvalDataset:
+    """A dataset the models are evaluated on, as a run input and as the dataset of a model metric."""
+
+    name: str
+    digest: str
+    source: str
+    label: str   # what the numbers on it must be called (dataset_label, corruption_label)
+
+    def log_input(self, run: Any) -> None:
+        run.log_input(self.name, self.digest, self.source, "evaluation", tags={"dataset": self.label})
+
+
+def eval_datasets(data: Any, c_manifest: dict, corrupted_dir: str | Path) -> dict[str, EvalDataset]:
+    """{"test": the prepared test split, "cifar10c": the CIFAR-10-C set}."""
+    return {"test": EvalDataset("cifar10-test", test_set_digest(data.manifest), "prepared",
+                                dataset_label(data.manifest)),
+            "cifar10c": EvalDataset("cifar10-c", corruption_digest(c_manifest), Path(corrupted_dir).as_posix(),
+                                    corruption_label(c_manifest))}
+
+
+def metric_dataset_key(metric: str) -> str:
+    """Which evaluation dataset a model_metrics key was measured on (Grad-CAM: test images)."""
+    return "cifar10c" if metric.startswith("cifar10c") else "test"
+
+
 def _log_per_model(params: Params, parent: Any, results: dict[str, dict], metrics: dict[str, dict[str, float]],
-                   student_meta: dict[str, dict]) -> None:
+                   student_meta: dict[str, dict], datasets: dict[str, EvalDataset]) -> None:
     """One nested run per model (`eval <model>`, stage `evaluate-model`) holding its clean and
     CIFAR-10-C numbers, tagged with its method and seed and linked to its training run: the
-    runs table then compares methods on robustness, row by row."""
+    runs table then compares methods on robustness, row by row. Its inputs are the evaluation
+    datasets; a student's metrics are also its logged model's (MLflow 3 model metrics, each
+    with the dataset it was measured on), when this store holds the run that trained it."""
     for name, entry in results.items():
         meta = student_meta.get(name, {})
         tags = {"model": name, "kind": entry["kind"], "dataset": entry["dataset"],
@@ -236,10 +269,19 @@ def _log_per_model(params: Params, parent: Any, results: dict[str, dict], metric
         logged = {"model": name, "architecture": entry["architecture"]}
         if entry["kind"] == "student":
             tags.update({"method": entry.get("method") or "", "seed": entry.get("seed"), "output": entry["output"]})
-            training = meta.get("training_run") or {}
-            if training.get("mode") == parent.mode:  # an id of this store (offline ids are mapped at sync)
-                tags["training_run_id"] = training["run_id"]
             logged.update({"distill.method": entry.get("method"), "distill.seed": entry.get("seed")})
+        training = meta.get("training_run") or {}
+        same_store = training.get("mode") == parent.mode   # ids of this store (offline ids are mapped at sync)
+        if same_store:
+            tags["training_run_id"] = training["run_id"]
+        model_id = training.get("model_id") if same_store else None
         with tracked_run(params, run_name=f"eval {name}", stage="evaluate-model", log_params=logged, tags=tags,
                          parent_run_id=parent.run_id) as run:
-            run.log_metrics(metrics[name])
+            for dataset in datasets.values():
+                dataset.log_input(run)
+            if model_id:
+                run.set_tags({"logged_model_id": model_id})
+            for key, dataset in datasets.items():
+                values = {k: v for k, v in metrics[name].items() if metric_dataset_key(k) == key}
+                if values:
+                    run.log_metrics(values, model_id=model_id, dataset=(dataset.name, dataset.digest))

@@ -25,6 +25,7 @@ from ._base import (
     call_with_retries,
     dataset_record,
     first_line,
+    metric_dataset,
     retry,
 )
 from .context import STALE_TAG, owned_by_dead_process, process_identity, stale_note
@@ -58,11 +59,14 @@ class MlflowRun(NullRun):
     def _call(self, what: str, fn, *args, **kwargs) -> bool:
         return retry(what, fn, *args, **kwargs)
 
-    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None, *, model_id: str | None = None,
+                    dataset: tuple[str, str] | None = None) -> None:
         from mlflow.entities import Metric
 
         now = _base.now_ms()
-        items = [Metric(key, float(value), now, step or 0) for key, value in metrics.items()]
+        dataset_name, dataset_digest = metric_dataset(dataset)
+        items = [Metric(key, float(value), now, step or 0, model_id=model_id, dataset_name=dataset_name,
+                        dataset_digest=dataset_digest) for key, value in metrics.items()]
         log_in_batches(self._call, "log_metrics", self.client, self.run_id, "metrics", items)
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -107,15 +111,17 @@ class MlflowRun(NullRun):
         self._call(f"log_input {name}", self.client.log_inputs, self.run_id, datasets=[dataset_input(record)])
 
     def log_model(self, model: Any, *, name: str, input_example: Any, registered_name: str | None = None,
-                  builder: Any = None) -> None:
+                  builder: Any = None) -> str | None:
         from .models import ModelRequest, export_copy, log_to_store
 
         try:
             request = ModelRequest.check(name, registered_name, builder, input_example)
-            log_to_store(self.client, self.run_id, export_copy(model, request.builder), request, call_with_retries)
+            return log_to_store(self.client, self.run_id, export_copy(model, request.builder), request,
+                                call_with_retries).model_id
         except Exception as exc:  # an export, a builder, the store: warn and go on
             warnings.warn(f"MLflow: log_model {name} failed ({type(exc).__name__}: {first_line(exc)}); "
                           "training goes on", stacklevel=2)
+            return None
 
     def finish(self, status: str = "FINISHED") -> None:
         self._call("set_terminated", self.client.set_terminated, self.run_id, status, end_time=_base.now_ms())

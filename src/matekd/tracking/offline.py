@@ -10,7 +10,9 @@ Layout of `<offline_dir>/<run id>/` (the run id is a uuid4 hex, like MLflow's):
                      {name, registered_name, builder {target, kwargs}, weights, input_example},
                      the last two {path, size, sha256}
     metrics.jsonl    append-only, one line per metric value, flushed per call:
-                     {"key", "value", "step", "timestamp"}
+                     {"key", "value", "step", "timestamp"}, and for a logged model's metric
+                     "model_id" (the <id> of a models/<id>/ folder of this or another run of
+                     the folder; sync maps it) with "dataset_name" and "dataset_digest"
     artifacts.jsonl  append-only, one line per logged file: {"path", "size", "sha256"};
                      the file is artifacts/<path> (written to a temp file, then renamed)
     artifacts/       the files, under their artifact paths
@@ -49,7 +51,7 @@ from typing import Any
 from ..errors import MatekdError
 from ..storage import atomic_dir, atomic_path, save_tensors, sha256_file
 from . import _base
-from ._base import NullRun, OfflineRunError, dataset_record, first_line, name_problem
+from ._base import NullRun, OfflineRunError, dataset_record, first_line, metric_dataset, name_problem
 from .context import (
     STALE_TAG,
     host_identity,
@@ -205,10 +207,15 @@ class OfflineRun(NullRun):
 
     # ---- the run interface
 
-    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None, *, model_id: str | None = None,
+                    dataset: tuple[str, str] | None = None) -> None:
         now = _base.now_ms()
+        dataset_name, dataset_digest = metric_dataset(dataset)
+        # The links are written only when present: a plain metric's line stays as before.
+        links = {key: value for key, value in (("model_id", model_id), ("dataset_name", dataset_name),
+                                               ("dataset_digest", dataset_digest)) if value is not None}
         try:
-            lines = [{"key": key, "value": float(value), "step": int(step or 0), "timestamp": now}
+            lines = [{"key": key, "value": float(value), "step": int(step or 0), "timestamp": now, **links}
                      for key, value in metrics.items()]
         except (TypeError, ValueError) as exc:
             self._warn("log_metrics", exc)
@@ -332,7 +339,7 @@ class OfflineRun(NullRun):
             self._save(f"log_input {name}")
 
     def log_model(self, model: Any, *, name: str, input_example: Any, registered_name: str | None = None,
-                  builder: Any = None) -> None:
+                  builder: Any = None) -> str | None:
         """Record the model for sync: its state dict as safetensors, the input example as .npy,
         its builder, name and registered name. The builder is checked now (the weights must
         load into the model it builds, whose output on the example must be one tensor), so
@@ -346,7 +353,7 @@ class OfflineRun(NullRun):
             example_output(rebuild(request.builder, state), request.example)
         except Exception as exc:
             self._warn(f"log_model {name}", f"{type(exc).__name__}: {first_line(exc)}")
-            return
+            return None
         import numpy as np
 
         model_id = new_run_id()
@@ -364,12 +371,13 @@ class OfflineRun(NullRun):
                                                     ("input_example", "input_example.npy"))}
             except Exception as exc:
                 self._warn(f"log_model {name}", getattr(exc, "strerror", None) or exc)
-                return
+                return None
             self.record.setdefault("models", []).append(
                 {"name": request.name, "registered_name": request.registered_name,
                  "builder": request.builder.to_json(), **files})
             self.record["format"] = FORMAT_WITH_MODELS
             self._save(f"log_model {name}")
+        return model_id
 
     def finish(self, status: str = "FINISHED") -> None:
         with self._lock:
@@ -511,6 +519,9 @@ def _check_metric(item: dict[str, Any]) -> str | None:
         return "metric step and timestamp must be integers"
     if not isinstance(item["value"], (int, float)) or isinstance(item["value"], bool):
         return f"metric value {item['value']!r} is not a number"
+    links = [item.get(k) for k in ("model_id", "dataset_name", "dataset_digest")]
+    if any(v is not None and not isinstance(v, str) for v in links) or (links[1] is None) != (links[2] is None):
+        return "metric model_id, dataset_name and dataset_digest must be strings (name and digest together)"
     return name_problem("metric", item["key"])
 
 

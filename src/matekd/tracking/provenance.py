@@ -30,21 +30,23 @@ def provenance_dir() -> Path:
     return default_store_dir() / "provenance"
 
 
-def record_output(run: NullRun, name: str, path: str | os.PathLike) -> str | None:
-    """Tag `run` with the sha256 of the output `path` (under `name`, e.g. "weights") and index it;
-    returns the hash (None when the run is not tracked: nothing to link)."""
+def record_output(run: NullRun, name: str, path: str | os.PathLike, model_id: str | None = None) -> str | None:
+    """Tag `run` with the sha256 of the output `path` (under `name`, e.g. "weights") and index it,
+    with the id of the logged model that holds these weights when there is one (log_model's
+    return value); returns the hash (None when the run is not tracked: nothing to link)."""
     if not run.active or not run.run_id:
         return None
     digest = sha256_file(path)
     run.set_tags({OUTPUT_TAG.format(name=name): digest})
     write_json(provenance_dir() / f"{digest}.json", {"run_id": run.run_id, "mode": run.mode, "name": name,
-                                                     "path": str(path)})
+                                                     "path": str(path), "model_id": model_id})
     return digest
 
 
 def producing_run(path: str | os.PathLike) -> dict[str, str] | None:
-    """The index entry ({run_id, mode, name, path}) of the run that last wrote these exact bytes,
-    None when no tracked run of this checkout did (tracking off, another machine, index removed)."""
+    """The index entry ({run_id, mode, name, path, model_id}) of the run that last wrote these
+    exact bytes, None when no tracked run of this checkout did (tracking off, another machine,
+    index removed)."""
     entry = provenance_dir() / f"{sha256_file(path)}.json"
     try:
         return json.loads(entry.read_text())

@@ -46,6 +46,7 @@ SYNC_NOTE_TAG = "matekd.sync_note"
 # Tags whose value is another run's id: an offline id there becomes the imported run's MLflow id
 # (runs are imported in start order, so a training run comes before the evaluation naming it).
 RUN_LINK_TAGS = ("training_run_id",)
+MODEL_LINK_TAGS = ("logged_model_id",)   # likewise for a logged model's id
 
 
 @dataclass
@@ -59,6 +60,7 @@ class SyncSummary:
     replaced_partial: list[str] = field(default_factory=list)       # MLflow runs of an interrupted sync, removed
     models: list[str] = field(default_factory=list)                 # "<name> of run <offline id>[ -> <registered> vN]"
     models_failed: list[str] = field(default_factory=list)          # why a recorded model could not be exported
+    unlinked_metrics: list[str] = field(default_factory=list)       # model metrics whose model this sync lacks
 
     def __str__(self) -> str:
         parts = [f"{len(self.imported)} runs imported", f"{len(self.already_present)} already present"]
@@ -72,6 +74,9 @@ class SyncSummary:
             parts.append(f"{len(self.models)} models logged")
         if self.models_failed:
             parts.append(f"{len(self.models_failed)} models could not be exported (see the warnings)")
+        if self.unlinked_metrics:
+            parts.append(f"{len(self.unlinked_metrics)} model metrics imported without their model (not in this "
+                         "sync)")
         return f"{self.folder} -> {self.tracking_uri}: " + ", ".join(parts)
 
 
@@ -125,7 +130,13 @@ def _direct(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     return fn(*args, **kwargs)  # sync does not retry: a failure rolls the sync back
 
 
-def _import_models(client: Any, run_id: str, record: OfflineRecord, summary: SyncSummary) -> None:
+def offline_model_id(entry: dict[str, Any]) -> str:
+    """The offline id of a recorded model (its folder, models/<id>/, as log_model returned it)."""
+    return entry["weights"]["path"].split("/")[1]
+
+
+def _import_models(client: Any, run_id: str, record: OfflineRecord, summary: SyncSummary,
+                   models: dict[str, str]) -> None:
     for entry in record.models:
         try:
             model, request = load_offline_model(record.folder, entry)
@@ -138,14 +149,27 @@ def _import_models(client: Any, run_id: str, record: OfflineRecord, summary: Syn
             warnings.warn(f"sync: {label} was not logged: {exc}", stacklevel=3)
             summary.models_failed.append(f"{label}: {exc}")
             continue
+        models[offline_model_id(entry)] = result.model_id
         if result.registered_version:
             label += f" -> {request.registered_name} v{result.registered_version}"
         summary.models.append(label)
 
 
+def _metric(line: dict[str, Any], models: dict[str, str], summary: SyncSummary, record: OfflineRecord):
+    """An offline metric line as an MLflow Metric, its model link mapped to the synced model (a
+    model this sync did not import, e.g. one synced earlier, leaves the metric unlinked)."""
+    from mlflow.entities import Metric
+
+    model_id = line.get("model_id")
+    if model_id is not None and model_id not in models:
+        summary.unlinked_metrics.append(f"{line['key']} of run {record.run_id} (model {model_id})")
+    return Metric(line["key"], float(line["value"]), line["timestamp"], line["step"], model_id=models.get(model_id),
+                  dataset_name=line.get("dataset_name"), dataset_digest=line.get("dataset_digest"))
+
+
 def _import_run(client: Any, uri: str, record: OfflineRecord, parent: str | None, experiments: dict[str, str],
-                note: str | None, summary: SyncSummary, mapping: dict[str, str]) -> str:
-    from mlflow.entities import Metric, Param
+                note: str | None, summary: SyncSummary, mapping: dict[str, str], models: dict[str, str]) -> str:
+    from mlflow.entities import Param
 
     meta = record.meta
     name = meta["experiment"]
@@ -154,9 +178,10 @@ def _import_run(client: Any, uri: str, record: OfflineRecord, parent: str | None
     tags = dict(meta["tags"])
     tags[OFFLINE_ID_TAG] = record.run_id
     tags[IMPORTING_TAG] = json.dumps(process_identity(), sort_keys=True)
-    for key in RUN_LINK_TAGS:
-        if tags.get(key) in mapping:
-            tags[key] = mapping[tags[key]]
+    for keys, ids in ((RUN_LINK_TAGS, mapping), (MODEL_LINK_TAGS, models)):
+        for key in keys:
+            if tags.get(key) in ids:
+                tags[key] = ids[tags[key]]
     if parent:
         tags["mlflow.parentRunId"] = parent
     status, end_time = meta["status"], meta["end_time"]
@@ -168,8 +193,6 @@ def _import_run(client: Any, uri: str, record: OfflineRecord, parent: str | None
     try:
         log_in_batches(_direct, "log_params", client, run_id, "params",
                        [Param(k, v) for k, v in meta["params"].items()])
-        log_in_batches(_direct, "log_metrics", client, run_id, "metrics",
-                       [Metric(m["key"], float(m["value"]), m["timestamp"], m["step"]) for m in record.metrics])
         if meta["inputs"]:
             client.log_inputs(run_id, datasets=[dataset_input(item) for item in meta["inputs"]])
         for path in sorted(record.artifacts):
@@ -177,7 +200,10 @@ def _import_run(client: Any, uri: str, record: OfflineRecord, parent: str | None
         for image in record.images:
             client.log_image(run_id, load_image(record.folder / image["file"]), key=image["key"], step=image["step"],
                              timestamp=image["timestamp"], synchronous=True)
-        _import_models(client, run_id, record, summary)
+        _import_models(client, run_id, record, summary, models)
+        # After the models: a metric of this run's own model links to it.
+        log_in_batches(_direct, "log_metrics", client, run_id, "metrics",
+                       [_metric(m, models, summary, record) for m in record.metrics])
         client.set_terminated(run_id, status, end_time=end_time)
         client.delete_tag(run_id, IMPORTING_TAG)
     except BaseException as exc:
@@ -241,6 +267,7 @@ def sync_runs(folder: str | Path, tracking_uri: str | None = None) -> SyncSummar
         summary.replaced_partial = [run_id for _, run_id, _ in redo]
 
     mapping = dict(present)
+    models: dict[str, str] = {}   # offline model id -> logged model id, filled as runs are imported
     experiments: dict[str, str] = {}
     created: list[str] = []
     current = None
@@ -252,7 +279,7 @@ def sync_runs(folder: str | Path, tracking_uri: str | None = None) -> SyncSummar
                         "imported as FAILED with its last record's time as end time")
             parent = current.meta.get("parent_run_id")
             run_id = _import_run(client, uri, current, mapping.get(parent, parent), experiments, note, summary,
-                                 mapping)
+                                 mapping, models)
             created.append(run_id)
             mapping[current.run_id] = run_id
             summary.imported[current.run_id] = run_id

@@ -44,8 +44,7 @@ class StorageSpec:
     def open(self) -> optuna.storages.BaseStorage:
         """The Optuna storage; RDB storages get a heartbeat so that killed trials become FAIL."""
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)   # the heartbeat
             if self.kind == "journal":
                 Path(self.target).parent.mkdir(parents=True, exist_ok=True)
                 return optuna.storages.JournalStorage(JournalFileBackend(self.target))
