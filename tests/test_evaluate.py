@@ -337,9 +337,12 @@ def test_a_students_evaluation_metrics_are_its_logged_models(stage_files, monkey
     assert model_id
     training_id = training.run_id
     results = evaluate_stage.run_evaluate(params)
+    from matekd.stages.report import run_report
+
+    run_report(params)   # marks the versions it reports
     if mode == "offline":
         summary = sync_runs(tmp_path / "offline", uri)
-        assert not summary.unlinked_metrics
+        assert not summary.unlinked_metrics and summary.aliases == ["matekd-student-ce@report-seed0 -> v1"]
         training_id = summary.imported[training_id]
     client = client_for(uri)
     (logged,) = client.search_logged_models([client.get_run(training_id).info.experiment_id],
@@ -363,3 +366,5 @@ def test_a_students_evaluation_metrics_are_its_logged_models(stage_files, monkey
     ranked = client.search_logged_models([evaluation.info.experiment_id], order_by=[
         {"field_name": "metrics.test_acc", "ascending": False}])
     assert [m.model_id for m in ranked] == [logged.model_id]
+    version = client.get_model_version_by_alias("matekd-student-ce", "report-seed0")
+    assert version.run_id == training_id and version.source == logged.artifact_location

@@ -42,9 +42,9 @@ from ..params import Params, flatten
 from ..paths import EVAL_DIR, SUMMARY_METRICS
 from ..plotting import png_bytes
 from ..precision import active_precision
-from ..storage import atomic_dir, write_json
+from ..storage import atomic_dir, sha256_file, write_json
 from ..teachers import load_teacher
-from ..tracking import producing_run
+from ..tracking import run_for_digest
 from ..train import device_labels, device_name
 from .context import stage, tracked_run
 
@@ -86,7 +86,8 @@ def run_evaluate(params: Params, prepared_dir: str | Path = "prepared", corrupte
         for path in student_files:
             name = f"student-{path.stem}"
             students[name], student_meta[name] = load_student(path, params.distill.student, device)
-            student_meta[name]["training_run"] = producing_run(path) or {}
+            student_meta[name]["weights_sha256"] = sha256_file(path)
+            student_meta[name]["training_run"] = run_for_digest(student_meta[name]["weights_sha256"]) or {}
         models = {**teachers, **students}
         test_x = to_device_tensor(data.test_images, device)
         table = corruption_table(models, corrupted, c_labels, cfg.batch_size, device, progress)
@@ -111,8 +112,11 @@ def run_evaluate(params: Params, prepared_dir: str | Path = "prepared", corrupte
                 "cifar10c": {"accuracy": table[name], **summary}, **common}
             if name in students:
                 meta = student_meta[name]
+                # The weights' hash (not a run id: this file must not change between identical
+                # runs) lets the report find the logged model of the run that made them.
                 entry.update({"output": name.removeprefix("student-"), "method": meta.get("method"),
-                              "seed": int(meta["seed"]) if str(meta.get("seed", "")).isdigit() else None})
+                              "seed": int(meta["seed"]) if str(meta.get("seed", "")).isdigit() else None,
+                              "weights_sha256": meta["weights_sha256"]})
             results[name] = to_json_safe(entry)
         gradcam = _gradcam_analysis(params, data, teachers, students, device, tau)
         with atomic_dir(root / EVAL_DIR) as tmp:

@@ -169,6 +169,10 @@ class NullRun:
         when nothing was logged."""
         return None
 
+    def set_model_alias(self, model_id: str, alias: str) -> None:
+        """Point `alias` of the registered model that `model_id` (log_model's return value, of a
+        run of the same mode) was registered as at that version (`models:/<name>@<alias>`)."""
+
     def finish(self, status: str = "FINISHED") -> None: ...
 
 

@@ -123,6 +123,15 @@ class MlflowRun(NullRun):
                           "training goes on", stacklevel=2)
             return None
 
+    def set_model_alias(self, model_id: str, alias: str) -> None:
+        from .models import set_alias
+
+        try:
+            set_alias(self.client, model_id, alias, call_with_retries)
+        except Exception as exc:
+            warnings.warn(f"MLflow: alias {alias} of model {model_id} failed ({type(exc).__name__}: "
+                          f"{first_line(exc)})", stacklevel=2)
+
     def finish(self, status: str = "FINISHED") -> None:
         self._call("set_terminated", self.client.set_terminated, self.run_id, status, end_time=_base.now_ms())
 

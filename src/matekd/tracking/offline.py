@@ -8,7 +8,8 @@ Layout of `<offline_dir>/<run id>/` (the run id is a uuid4 hex, like MLflow's):
                      an MLflow run id), status, start_time, end_time (ms), tags, params,
                      inputs (dataset inputs), host, pid; and models (log_model), each
                      {name, registered_name, builder {target, kwargs}, weights, input_example},
-                     the last two {path, size, sha256}
+                     the last two {path, size, sha256}; aliases (set_model_alias), each
+                     {model_id, alias}
     metrics.jsonl    append-only, one line per metric value, flushed per call:
                      {"key", "value", "step", "timestamp"}, and for a logged model's metric
                      "model_id" (the <id> of a models/<id>/ folder of this or another run of
@@ -379,6 +380,12 @@ class OfflineRun(NullRun):
             self._save(f"log_model {name}")
         return model_id
 
+    def set_model_alias(self, model_id: str, alias: str) -> None:
+        """Recorded in run.json's `aliases`; sync sets it once the model is imported."""
+        with self._lock:
+            self.record.setdefault("aliases", []).append({"model_id": str(model_id), "alias": str(alias)})
+            self._save(f"alias {alias}")
+
     def finish(self, status: str = "FINISHED") -> None:
         with self._lock:
             self.record["status"] = status
@@ -585,6 +592,11 @@ def _check_meta(meta: Any, folder: Path) -> str | None:
             return f"dataset input {item!r} lacks name, digest, source_type or source"
         if not isinstance(item.get("tags", {}), dict):
             return f"dataset input {item.get('name')!r}: tags must be a mapping"
+    aliases = meta.get("aliases", [])
+    if not isinstance(aliases, list) or not all(
+            isinstance(a, dict) and isinstance(a.get("model_id"), str) and isinstance(a.get("alias"), str)
+            for a in aliases):
+        return "'aliases' must be a list of {model_id, alias}"
     models = meta.get("models", [])
     if not isinstance(models, list) or (models and meta["format"] != FORMAT_WITH_MODELS):
         return f"'models' must be a list, in format {FORMAT_WITH_MODELS!r}"

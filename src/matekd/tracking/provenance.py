@@ -47,11 +47,16 @@ def producing_run(path: str | os.PathLike) -> dict[str, str] | None:
     """The index entry ({run_id, mode, name, path, model_id}) of the run that last wrote these
     exact bytes, None when no tracked run of this checkout did (tracking off, another machine,
     index removed)."""
-    entry = provenance_dir() / f"{sha256_file(path)}.json"
+    return run_for_digest(sha256_file(path))
+
+
+def run_for_digest(digest: str) -> dict[str, str] | None:
+    """producing_run for a file known by its sha256 (e.g. the one an evaluation recorded)."""
+    entry = provenance_dir() / f"{digest}.json"
     try:
         return json.loads(entry.read_text())
     except (OSError, ValueError):
         return None
 
 
-__all__ = ["OUTPUT_TAG", "producing_run", "provenance_dir", "record_output"]
+__all__ = ["OUTPUT_TAG", "producing_run", "provenance_dir", "record_output", "run_for_digest"]

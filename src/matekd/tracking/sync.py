@@ -37,7 +37,7 @@ from ._base import MatekdError, OfflineRunError, TrackingError
 from .context import owned_by_live_process, process_identity
 from .mlflow_private import relocate_store
 from .mlflow_store import client_for, dataset_input, delete_runs, experiment_id, log_in_batches
-from .models import ModelBuilder, ModelExportError, ModelRequestError, load_offline_model, log_to_store
+from .models import ModelBuilder, ModelExportError, ModelRequestError, load_offline_model, log_to_store, set_alias
 from .offline import RUN_FILE, OfflineRecord, iter_parents_first, load_image, read_folder
 
 OFFLINE_ID_TAG = "matekd.offline_run_id"
@@ -60,7 +60,8 @@ class SyncSummary:
     replaced_partial: list[str] = field(default_factory=list)       # MLflow runs of an interrupted sync, removed
     models: list[str] = field(default_factory=list)                 # "<name> of run <offline id>[ -> <registered> vN]"
     models_failed: list[str] = field(default_factory=list)          # why a recorded model could not be exported
-    unlinked_metrics: list[str] = field(default_factory=list)       # model metrics whose model this sync lacks
+    unlinked_metrics: list[str] = field(default_factory=list)       # model metrics/aliases whose model this sync lacks
+    aliases: list[str] = field(default_factory=list)                # "<registered name>@<alias> -> v<version>"
 
     def __str__(self) -> str:
         parts = [f"{len(self.imported)} runs imported", f"{len(self.already_present)} already present"]
@@ -75,8 +76,10 @@ class SyncSummary:
         if self.models_failed:
             parts.append(f"{len(self.models_failed)} models could not be exported (see the warnings)")
         if self.unlinked_metrics:
-            parts.append(f"{len(self.unlinked_metrics)} model metrics imported without their model (not in this "
+            parts.append(f"{len(self.unlinked_metrics)} model metrics or aliases without their model (not in this "
                          "sync)")
+        if self.aliases:
+            parts.append(f"{len(self.aliases)} aliases set")
         return f"{self.folder} -> {self.tracking_uri}: " + ", ".join(parts)
 
 
@@ -201,6 +204,12 @@ def _import_run(client: Any, uri: str, record: OfflineRecord, parent: str | None
             client.log_image(run_id, load_image(record.folder / image["file"]), key=image["key"], step=image["step"],
                              timestamp=image["timestamp"], synchronous=True)
         _import_models(client, run_id, record, summary, models)
+        for item in meta.get("aliases", []):
+            if item["model_id"] not in models:
+                summary.unlinked_metrics.append(f"alias {item['alias']} of run {record.run_id} "
+                                                f"(model {item['model_id']})")
+            elif label := set_alias(client, models[item["model_id"]], item["alias"], _direct):
+                summary.aliases.append(label)
         # After the models: a metric of this run's own model links to it.
         log_in_batches(_direct, "log_metrics", client, run_id, "metrics",
                        [_metric(m, models, summary, record) for m in record.metrics])
