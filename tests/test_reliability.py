@@ -87,3 +87,23 @@ def test_sigkill_then_dvc_repro_resumes_and_matches_an_uninterrupted_run(repo, w
     assert "resuming from checkpoints" in resumed.stdout + resumed.stderr
     assert f"after epoch {killed_at}" in resumed.stdout + resumed.stderr
     assert _outputs(repo, which) == reference
+
+
+def _locked_outs(repo: Path, stage: str) -> dict[str, str]:
+    import yaml
+
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"][stage]
+    return {out["path"]: out["md5"] for out in lock["outs"]}
+
+
+def test_tracked_reruns_of_a_student_give_the_same_dvc_lock_hashes(repo, tmp_path):
+    """With tracking on (offline runs: each rerun is a new run with its own id), the student's
+    weights and weight histograms keep their bytes, so dvc.lock keeps their hashes."""
+    env = repo_env(MATEKD_TRACKING="offline", MATEKD_OFFLINE_DIR=str(tmp_path / "offline"))
+    hashes = []
+    for _ in range(2):
+        (repo / STAGES["student"][3]).unlink(missing_ok=True)
+        run(repo, "dvc", "repro", "-f", "-s", "distill", env=env)
+        hashes.append(_locked_outs(repo, "distill"))
+    assert hashes[0] == hashes[1] and "models/student/distill.safetensors" in hashes[0]
+    assert len(list((tmp_path / "offline").iterdir())) == 2   # two runs, two ids
