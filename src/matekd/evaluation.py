@@ -262,7 +262,7 @@ def corruption_digest(manifest: Mapping[str, Any]) -> str:
     if manifest.get("array_sha256"):
         content: Any = {"arrays": manifest["array_sha256"], "labels": manifest.get("labels_sha256")}
     else:
-        content = {k: v for k, v in manifest.items() if k != "seconds"}
+        content = {k: v for k, v in manifest.items() if k not in ("seconds", "cpu_seconds", "wall_seconds")}
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 
 
