@@ -342,7 +342,7 @@ def test_a_students_evaluation_metrics_are_its_logged_models(stage_files, monkey
     run_report(params)   # marks the versions it reports
     if mode == "offline":
         summary = sync_runs(tmp_path / "offline", uri)
-        assert not summary.unlinked_metrics and summary.aliases == ["matekd-student-ce@report-seed0 -> v1"]
+        assert not summary.unlinked and summary.aliases == ["matekd-student-ce@report-seed0 -> v1"]
         training_id = summary.imported[training_id]
     client = client_for(uri)
     (logged,) = client.search_logged_models([client.get_run(training_id).info.experiment_id],
@@ -356,6 +356,7 @@ def test_a_students_evaluation_metrics_are_its_logged_models(stage_files, monkey
     assert evaluation.info.run_name == "eval student-ce-seed0"
     assert evaluation.data.tags["training_run_id"] == training_id
     assert evaluation.data.tags["logged_model_id"] == logged.model_id
+    assert [m.model_id for m in evaluation.inputs.model_inputs] == [logged.model_id]
     inputs = {d.dataset.name: d.dataset.digest for d in evaluation.inputs.dataset_inputs}
     assert inputs == {"cifar10-test": by_key["test_acc"].dataset_digest,
                       "cifar10-c": by_key["cifar10c/gaussian_noise"].dataset_digest}

@@ -98,12 +98,16 @@ def _locked_outs(repo: Path, stage: str) -> dict[str, str]:
 
 def test_tracked_reruns_of_a_student_give_the_same_dvc_lock_hashes(repo, tmp_path):
     """With tracking on (offline runs: each rerun is a new run with its own id), the student's
-    weights and weight histograms keep their bytes, so dvc.lock keeps their hashes."""
+    weights and weight histograms keep their bytes, so dvc.lock keeps their hashes. (Its metrics
+    and per-epoch plot hold the declared wall-clock fields, TIMING_KEYS: only those differ.)"""
     env = repo_env(MATEKD_TRACKING="offline", MATEKD_OFFLINE_DIR=str(tmp_path / "offline"))
-    hashes = []
+    hashes, metrics = [], []
     for _ in range(2):
         (repo / STAGES["student"][3]).unlink(missing_ok=True)
         run(repo, "dvc", "repro", "-f", "-s", "distill", env=env)
-        hashes.append(_locked_outs(repo, "distill"))
-    assert hashes[0] == hashes[1] and "models/student/distill.safetensors" in hashes[0]
+        hashes.append({path: md5 for path, md5 in _locked_outs(repo, "distill").items()
+                       if path in ("models/student/distill.safetensors", "plots/student/distill-weights.json")})
+        metrics.append(_outputs(repo, "student")[1])
+    assert hashes[0] == hashes[1] and len(hashes[0]) == 2
+    assert metrics[0] == metrics[1]
     assert len(list((tmp_path / "offline").iterdir())) == 2   # two runs, two ids

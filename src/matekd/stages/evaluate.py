@@ -285,6 +285,7 @@ def _log_per_model(params: Params, parent: Any, results: dict[str, dict], metric
                 dataset.log_input(run)
             if model_id:
                 run.set_tags({"logged_model_id": model_id})
+                run.log_model_input(model_id)
             for key, dataset in datasets.items():
                 values = {k: v for k, v in metrics[name].items() if metric_dataset_key(k) == key}
                 if values:

@@ -169,6 +169,10 @@ class NullRun:
         when nothing was logged."""
         return None
 
+    def log_model_input(self, model_id: str) -> None:
+        """Record a logged model (log_model's return value, of a run of the same mode) as an input
+        of this run: an evaluation run lists the model it evaluated, the model lists the run."""
+
     def set_model_alias(self, model_id: str, alias: str) -> None:
         """Point `alias` of the registered model that `model_id` (log_model's return value, of a
         run of the same mode) was registered as at that version (`models:/<name>@<alias>`)."""

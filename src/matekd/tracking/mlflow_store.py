@@ -123,6 +123,12 @@ class MlflowRun(NullRun):
                           "training goes on", stacklevel=2)
             return None
 
+    def log_model_input(self, model_id: str) -> None:
+        from mlflow.entities import LoggedModelInput
+
+        self._call(f"log_inputs model {model_id}", self.client.log_inputs, self.run_id,
+                   models=[LoggedModelInput(model_id)])
+
     def set_model_alias(self, model_id: str, alias: str) -> None:
         from .models import set_alias
 

@@ -9,7 +9,7 @@ Layout of `<offline_dir>/<run id>/` (the run id is a uuid4 hex, like MLflow's):
                      inputs (dataset inputs), host, pid; and models (log_model), each
                      {name, registered_name, builder {target, kwargs}, weights, input_example},
                      the last two {path, size, sha256}; aliases (set_model_alias), each
-                     {model_id, alias}
+                     {model_id, alias}; model_inputs (log_model_input), model ids
     metrics.jsonl    append-only, one line per metric value, flushed per call:
                      {"key", "value", "step", "timestamp"}, and for a logged model's metric
                      "model_id" (the <id> of a models/<id>/ folder of this or another run of
@@ -380,6 +380,12 @@ class OfflineRun(NullRun):
             self._save(f"log_model {name}")
         return model_id
 
+    def log_model_input(self, model_id: str) -> None:
+        """Recorded in run.json's `model_inputs`; sync maps the id and logs it."""
+        with self._lock:
+            self.record.setdefault("model_inputs", []).append(str(model_id))
+            self._save(f"log_model_input {model_id}")
+
     def set_model_alias(self, model_id: str, alias: str) -> None:
         """Recorded in run.json's `aliases`; sync sets it once the model is imported."""
         with self._lock:
@@ -592,6 +598,9 @@ def _check_meta(meta: Any, folder: Path) -> str | None:
             return f"dataset input {item!r} lacks name, digest, source_type or source"
         if not isinstance(item.get("tags", {}), dict):
             return f"dataset input {item.get('name')!r}: tags must be a mapping"
+    model_inputs = meta.get("model_inputs", [])
+    if not isinstance(model_inputs, list) or not all(isinstance(m, str) for m in model_inputs):
+        return "'model_inputs' must be a list of model ids"
     aliases = meta.get("aliases", [])
     if not isinstance(aliases, list) or not all(
             isinstance(a, dict) and isinstance(a.get("model_id"), str) and isinstance(a.get("alias"), str)

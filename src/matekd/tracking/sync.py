@@ -60,7 +60,7 @@ class SyncSummary:
     replaced_partial: list[str] = field(default_factory=list)       # MLflow runs of an interrupted sync, removed
     models: list[str] = field(default_factory=list)                 # "<name> of run <offline id>[ -> <registered> vN]"
     models_failed: list[str] = field(default_factory=list)          # why a recorded model could not be exported
-    unlinked_metrics: list[str] = field(default_factory=list)       # model metrics/aliases whose model this sync lacks
+    unlinked: list[str] = field(default_factory=list)       # model links whose model this sync lacks
     aliases: list[str] = field(default_factory=list)                # "<registered name>@<alias> -> v<version>"
 
     def __str__(self) -> str:
@@ -75,9 +75,9 @@ class SyncSummary:
             parts.append(f"{len(self.models)} models logged")
         if self.models_failed:
             parts.append(f"{len(self.models_failed)} models could not be exported (see the warnings)")
-        if self.unlinked_metrics:
-            parts.append(f"{len(self.unlinked_metrics)} model metrics or aliases without their model (not in this "
-                         "sync)")
+        if self.unlinked:
+            parts.append(f"{len(self.unlinked)} model metrics, inputs or aliases without their model (not "
+                         "in this sync)")
         if self.aliases:
             parts.append(f"{len(self.aliases)} aliases set")
         return f"{self.folder} -> {self.tracking_uri}: " + ", ".join(parts)
@@ -165,7 +165,7 @@ def _metric(line: dict[str, Any], models: dict[str, str], summary: SyncSummary, 
 
     model_id = line.get("model_id")
     if model_id is not None and model_id not in models:
-        summary.unlinked_metrics.append(f"{line['key']} of run {record.run_id} (model {model_id})")
+        summary.unlinked.append(f"{line['key']} of run {record.run_id} (model {model_id})")
     return Metric(line["key"], float(line["value"]), line["timestamp"], line["step"], model_id=models.get(model_id),
                   dataset_name=line.get("dataset_name"), dataset_digest=line.get("dataset_digest"))
 
@@ -204,9 +204,16 @@ def _import_run(client: Any, uri: str, record: OfflineRecord, parent: str | None
             client.log_image(run_id, load_image(record.folder / image["file"]), key=image["key"], step=image["step"],
                              timestamp=image["timestamp"], synchronous=True)
         _import_models(client, run_id, record, summary, models)
+        model_inputs = [models[m] for m in meta.get("model_inputs", []) if m in models]
+        summary.unlinked += [f"model input of run {record.run_id} (model {m})"
+                                     for m in meta.get("model_inputs", []) if m not in models]
+        if model_inputs:
+            from mlflow.entities import LoggedModelInput
+
+            client.log_inputs(run_id, models=[LoggedModelInput(m) for m in model_inputs])
         for item in meta.get("aliases", []):
             if item["model_id"] not in models:
-                summary.unlinked_metrics.append(f"alias {item['alias']} of run {record.run_id} "
+                summary.unlinked.append(f"alias {item['alias']} of run {record.run_id} "
                                                 f"(model {item['model_id']})")
             elif label := set_alias(client, models[item["model_id"]], item["alias"], _direct):
                 summary.aliases.append(label)
