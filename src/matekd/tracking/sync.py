@@ -21,6 +21,10 @@ children and `mlflow.parentRunId` points to the parent's new MLflow id.
   says which. Experiments it created stay (empty): a deleted experiment's name stays taken.
 - A run still RUNNING: skipped (with its descendants) while its process is alive on this host,
   else imported as FAILED with the tag `matekd.sync_note` and its last record's time as end time.
+- Links between runs are mapped to the new ids: the tags `training_run_id` (a run) and
+  `logged_model_id` (a model), model metrics (`model_id` of a metric line, MLflow 3's metrics of
+  a logged model, with their dataset), model inputs and registered-model aliases. A link to a
+  model this sync did not import (e.g. synced earlier) is left out and counted in `unlinked`.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ class SyncSummary:
     replaced_partial: list[str] = field(default_factory=list)       # MLflow runs of an interrupted sync, removed
     models: list[str] = field(default_factory=list)                 # "<name> of run <offline id>[ -> <registered> vN]"
     models_failed: list[str] = field(default_factory=list)          # why a recorded model could not be exported
-    unlinked: list[str] = field(default_factory=list)       # model links whose model this sync lacks
+    unlinked: list[str] = field(default_factory=list)               # model links whose model this sync lacks
     aliases: list[str] = field(default_factory=list)                # "<registered name>@<alias> -> v<version>"
 
     def __str__(self) -> str:
