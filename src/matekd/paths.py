@@ -12,7 +12,6 @@ REPORT_DIR = Path("reports")
 METHOD_INPUTS_DIR = Path("methods")          # stage method_inputs: what each method trains with
 TUNED_DIR = Path("tuning") / "best"          # `matekd tune`: a method's tuned values
 TUNE_METRICS_DIR = Path("metrics") / "tune"
-CORRUPT_METRICS = Path("metrics") / "corrupt.json"   # stage corrupt's timings, kept out of cifar10c/
 TUNE_RECORDS_DIR = Path("tuning") / "trials"     # per-epoch records of trials, for the launching process
 GROUP_STORE_DIR = Path("checkpoints") / "groups"  # students trained together, until each is written
 

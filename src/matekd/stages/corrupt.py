@@ -21,11 +21,13 @@ from ..data.prepare import stratified_split
 from ..data.prepared import load_prepared
 from ..errors import DataError
 from ..params import Params, flatten
-from ..paths import CORRUPT_METRICS
 from ..storage import atomic_dir, sha256_array, sha256_file, write_json
 from .context import stage
 
 TIMING_KEYS = ("seconds", "cpu_seconds", "wall_seconds")   # wall-clock, written apart from the outputs
+# The stage's DVC metric (dvc.yaml), relative to the folder holding cifar10c/. Not in paths.py:
+# every stage depends on that file, and a new name there would rerun the whole pipeline.
+CORRUPT_METRICS = Path("metrics") / "corrupt.json"
 
 
 def run_corrupt(params: Params, prepared_dir: str | Path = "prepared", out_dir: str | Path = "cifar10c",
