@@ -607,6 +607,12 @@ def test_stage_records_frost_textures_and_subsets(tmp_path, monkeypatch, frost_d
     again = stage.run_corrupt(params, out_dir=tmp_path / "d", prepared=prepared, progress=False)
     assert again["test_index"] == manifest["test_index"]
     assert manifest["test_index"] == sorted(manifest["test_index"])
+    # the same run twice writes the same bytes: its times go to a DVC metric beside, not into cifar10c/
+    for name in ("manifest.json", "frost.npy", "labels.npy"):
+        assert (tmp_path / "c" / name).read_bytes() == (tmp_path / "d" / name).read_bytes(), name
+    assert not set(stage.TIMING_KEYS) & set(json.loads((tmp_path / "c" / "manifest.json").read_text()))
+    timings = json.loads((tmp_path / "metrics" / "corrupt.json").read_text())
+    assert {"seconds", "cpu_seconds"} <= set(timings) and all(isinstance(v, float) for v in timings.values())
 
 
 def test_stage_leaves_nothing_on_failure(tmp_path, monkeypatch):
@@ -627,7 +633,7 @@ def test_stage_leaves_nothing_on_failure(tmp_path, monkeypatch):
         stage.run_corrupt(make_params(corruptions=["gaussian_noise", "contrast"]), out_dir=out,
                           prepared=prepared, progress=False)
     assert "gaussian_noise" in calls
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar10c"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar10c"]   # no temp folder, no timings
     assert [p.name for p in out.iterdir()] == ["old.txt"]
 
 
@@ -639,7 +645,7 @@ def test_stage_replaces_a_previous_output_completely(tmp_path):
                                  prepared=fake_prepared(), progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["fog.npy", "labels.npy", "manifest.json"]
     assert manifest["seed"] == 2 and cifar10c.load_corrupted(out)[2]["corruptions"] == ["fog"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar10c"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar10c", "metrics"]   # no temp folder left
 
 
 def test_stage_rejects_unknown_corruptions(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -305,3 +306,66 @@ def test_every_model_gets_its_own_evaluation_run(stage_files, monkeypatch, tmp_p
     assert "cifar10c/gaussian_noise" in logged and "gradcam/similarity_mean/resnet20" in logged
     teacher = {m["key"] for m in children["eval resnet56"].metrics}
     assert "test_acc" in teacher and not any(k.startswith("gradcam/") for k in teacher)
+
+
+@pytest.mark.parametrize("mode", ["online", "offline"])
+def test_a_students_evaluation_metrics_are_its_logged_models(stage_files, monkeypatch, tmp_path, mode) -> None:
+    """MLflow 3 links: the evaluation metrics of a student carry the id of the logged model its
+    training run made (found through the weights' provenance) and the dataset they were measured
+    on; the evaluation datasets are the runs' inputs. Offline, sync maps the ids."""
+    from matekd.models import build_model
+    from matekd.storage import load_tensors
+    from matekd.tracking import ModelBuilder, client_for, record_output, start_run, sync_runs
+
+    params = tiny_params(stage_files)
+    params.tracking.enabled = True
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    monkeypatch.setenv("MATEKD_TRACKING", mode)
+    monkeypatch.setenv("MATEKD_OFFLINE_DIR", str(tmp_path / "offline"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    weights = Path("models/student/ce-seed0.safetensors")
+    student = build_model("resnet20")
+    student.load_state_dict(load_tensors(weights)[0])
+    example = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    with start_run(enabled=True, mode=mode, experiment=params.tracking.experiment, run_name="ablation ce seed0",
+                   stage="ablation", params={}, tags={}) as training:
+        model_id = training.log_model(student.eval(), name="ce-seed0", input_example=example,
+                                      registered_name="matekd-student-ce",
+                                      builder=ModelBuilder("matekd.models:build_model", {"name": "resnet20"}))
+        record_output(training, "weights", weights, model_id)
+    assert model_id
+    training_id = training.run_id
+    results = evaluate_stage.run_evaluate(params)
+    from matekd.stages.report import run_report
+
+    run_report(params)   # marks the versions it reports
+    if mode == "offline":
+        summary = sync_runs(tmp_path / "offline", uri)
+        assert not summary.unlinked and summary.aliases == ["matekd-student-ce@report-seed0 -> v1"]
+        training_id = summary.imported[training_id]
+    client = client_for(uri)
+    (logged,) = client.search_logged_models([client.get_run(training_id).info.experiment_id],
+                                            filter_string=f"source_run_id = '{training_id}'")
+    by_key = {m.key: m for m in logged.metrics}
+    assert by_key["test_acc"].value == pytest.approx(results["student-ce-seed0"]["test_acc"])
+    assert by_key["test_acc"].dataset_name == "cifar10-test" and by_key["cifar10c/gaussian_noise"].dataset_name \
+        == "cifar10-c"
+    assert "gradcam/similarity_mean/resnet20" in by_key   # measured on test images
+    evaluation = client.get_run(by_key["test_acc"].run_id)
+    assert evaluation.info.run_name == "eval student-ce-seed0"
+    assert evaluation.data.tags["training_run_id"] == training_id
+    assert evaluation.data.tags["logged_model_id"] == logged.model_id
+    assert [m.model_id for m in evaluation.inputs.model_inputs] == [logged.model_id]
+    inputs = {d.dataset.name: d.dataset.digest for d in evaluation.inputs.dataset_inputs}
+    assert inputs == {"cifar10-test": by_key["test_acc"].dataset_digest,
+                      "cifar10-c": by_key["cifar10c/gaussian_noise"].dataset_digest}
+    # the other student has no tracked training run: its metrics stay the evaluation run's only
+    other = client.search_runs([evaluation.info.experiment_id], "attributes.run_name = 'eval student-distill'")
+    assert other and "logged_model_id" not in other[0].data.tags
+    # MLflow ranks logged models by an evaluation metric
+    ranked = client.search_logged_models([evaluation.info.experiment_id], order_by=[
+        {"field_name": "metrics.test_acc", "ascending": False}])
+    assert [m.model_id for m in ranked] == [logged.model_id]
+    version = client.get_model_version_by_alias("matekd-student-ce", "report-seed0")
+    assert version.run_id == training_id and version.source == logged.artifact_location

@@ -87,3 +87,27 @@ def test_sigkill_then_dvc_repro_resumes_and_matches_an_uninterrupted_run(repo, w
     assert "resuming from checkpoints" in resumed.stdout + resumed.stderr
     assert f"after epoch {killed_at}" in resumed.stdout + resumed.stderr
     assert _outputs(repo, which) == reference
+
+
+def _locked_outs(repo: Path, stage: str) -> dict[str, str]:
+    import yaml
+
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"][stage]
+    return {out["path"]: out["md5"] for out in lock["outs"]}
+
+
+def test_tracked_reruns_of_a_student_give_the_same_dvc_lock_hashes(repo, tmp_path):
+    """With tracking on (offline runs: each rerun is a new run with its own id), the student's
+    weights and weight histograms keep their bytes, so dvc.lock keeps their hashes. (Its metrics
+    and per-epoch plot hold the declared wall-clock fields, TIMING_KEYS: only those differ.)"""
+    env = repo_env(MATEKD_TRACKING="offline", MATEKD_OFFLINE_DIR=str(tmp_path / "offline"))
+    hashes, metrics = [], []
+    for _ in range(2):
+        (repo / STAGES["student"][3]).unlink(missing_ok=True)
+        run(repo, "dvc", "repro", "-f", "-s", "distill", env=env)
+        hashes.append({path: md5 for path, md5 in _locked_outs(repo, "distill").items()
+                       if path in ("models/student/distill.safetensors", "plots/student/distill-weights.json")})
+        metrics.append(_outputs(repo, "student")[1])
+    assert hashes[0] == hashes[1] and len(hashes[0]) == 2
+    assert metrics[0] == metrics[1]
+    assert len(list((tmp_path / "offline").iterdir())) == 2   # two runs, two ids

@@ -484,3 +484,43 @@ def test_matekd_ablation_spreads_groups_over_processes_and_writes_every_student(
             meta = load_tensors(root / "models" / "student" / f"{method}-seed{seed}.safetensors")[1]
             assert meta["method"] == method and meta["seed"] == str(seed) and meta["group_students"] == "2"
     assert not list((root / "checkpoints" / "groups").iterdir())
+
+
+def test_a_student_trained_twice_writes_byte_identical_files_and_its_run_is_kept_apart(workspace, monkeypatch,
+                                                                                         tmp_path):
+    """Two tracked trainings of one student (different run ids) write the same bytes: the run
+    that made the weights is a tag of the run and an index entry outside the DVC outputs."""
+    import csv
+    import io
+
+    from matekd.paths import student_paths
+    from matekd.stages.train_teacher import TIMING_KEYS
+    from matekd.storage import read_safetensors_metadata, sha256_file
+    from matekd.tracking import producing_run, read_folder
+    from matekd.tracking.provenance import OUTPUT_TAG
+
+    root, params = workspace
+    monkeypatch.setenv("MATEKD_TRACKING", "offline")
+    monkeypatch.setenv("MATEKD_OFFLINE_DIR", str(tmp_path / "offline"))
+    paths = student_paths("twice")
+
+    def outputs() -> dict[str, object]:
+        metrics = read_json(paths["metrics"])
+        rows = list(csv.DictReader(io.StringIO(paths["plots"].read_text())))
+        return {"weights": paths["weights"].read_bytes(), "histograms": paths["histograms"].read_bytes(),
+                "metrics": {k: v for k, v in metrics.items() if k not in TIMING_KEYS},
+                "plots": [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]}
+
+    run_distill(params, method="ce", seed=0, output_name="twice", progress=False)
+    first, first_run = outputs(), producing_run(paths["weights"])
+    run_distill(params, method="ce", seed=0, output_name="twice", progress=False)
+    second, second_run = outputs(), producing_run(paths["weights"])
+    assert first == second
+    assert first["plots"] and "images_per_second" in paths["plots"].read_text()  # the timing column was dropped
+    meta = read_safetensors_metadata(paths["weights"])
+    assert not any("run" in key and key != "run_kind" for key in meta), meta
+    runs = read_folder(tmp_path / "offline")
+    assert len(runs) == 2 and first_run["run_id"] != second_run["run_id"] and second_run["mode"] == "offline"
+    tag = OUTPUT_TAG.format(name="weights")
+    assert {r.meta["tags"][tag] for r in runs.values()} == {sha256_file(paths["weights"])}
+    assert second_run["run_id"] in runs and first_run["run_id"] in runs

@@ -26,6 +26,7 @@ from matekd.tracking import (
     tracking_mode,
     tracking_uri,
 )
+from matekd.tracking.context import host_identity
 from test_tracking_common import fresh_store
 
 torch.set_num_threads(1)
@@ -359,7 +360,8 @@ def test_source_git_and_dvc_tags(client, repo: Path, monkeypatch: pytest.MonkeyP
     assert tags["mlflow.user"] and data.info.user_id == tags["mlflow.user"]
     assert tags["dvc.exp_name"] == "hasty-gnu" and tags["dvc.exp_baseline_rev"] == "0" * 40
     assert tags["dvc.stage"] == "ablation@kd-0"
-    assert tags["matekd.host"] == socket.gethostname() and tags["matekd.pid"] == str(os.getpid())
+    assert tags["matekd.host"] == host_identity() and tags["matekd.pid"] == str(os.getpid())
+    assert tags["matekd.host"].startswith(f"{socket.gethostname()}/")
 
 
 def test_no_dvc_tags_outside_dvc(client) -> None:

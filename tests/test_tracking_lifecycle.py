@@ -28,6 +28,7 @@ from matekd.tracking import (
     tracking_uri,
     workspace_root,
 )
+from matekd.tracking.context import host_identity, owned_by_dead_process
 from matekd.tracking.mlflow_store import STALE_TAG
 from matekd.tracking.roots import split_exps
 from test_tracking_common import clear_tracking_env, fresh_store, git, local_path, make_git_repo
@@ -113,6 +114,10 @@ def test_sigterm_and_sigkill(repo: Path, store: str, tmp_path: Path, monkeypatch
     live = client.create_run(experiment, run_name="live worker", tags={"stage": "distill", **me}).info.run_id
     elsewhere = client.create_run(experiment, run_name="other host", tags={
         "stage": "distill", "matekd.host": "elsewhere.example", "matekd.pid": str(killed.pid)}).info.run_id
+    # Another container with our host name: its pids are not ours to check.
+    container = client.create_run(experiment, run_name="other container", tags={
+        "stage": "distill", "matekd.host": f"{socket.gethostname()}/0123456789ab/1", "matekd.pid": str(killed.pid)}
+    ).info.run_id
     reused = client.create_run(experiment, run_name="reused pid", tags={
         "stage": "distill", **me, "matekd.pid_start": "1"}).info.run_id  # our pid, but not our process
     untagged = client.create_run(experiment, run_name="no pid tags", tags={"stage": "distill"}).info.run_id
@@ -127,13 +132,13 @@ def test_sigterm_and_sigkill(repo: Path, store: str, tmp_path: Path, monkeypatch
         new_id = run.run_id
         killed_run = client.get_run(killed_id)
         assert killed_run.info.status == "FAILED" and killed_run.info.end_time >= before
-        assert f"process {killed.pid} on {socket.gethostname()}" in killed_run.data.tags[STALE_TAG]
+        assert f"process {killed.pid} on {host_identity()} ended" in killed_run.data.tags[STALE_TAG]
         assert client.get_run(reused).info.status == "FAILED"
-        for run_id in (live, elsewhere, untagged, other_stage_id):
+        for run_id in (live, elsewhere, container, untagged, other_stage_id):
             assert client.get_run(run_id).info.status == "RUNNING"
         assert client.get_run(new_id).info.status == "RUNNING"
     assert client.get_run(new_id).info.status == "FINISHED"
-    for run_id in (live, elsewhere, untagged, other_stage_id):
+    for run_id in (live, elsewhere, container, untagged, other_stage_id):
         client.set_terminated(run_id, "FINISHED")
 
 
@@ -287,3 +292,28 @@ def test_dvc_executor_folder_logs_into_the_queuing_repo(checkout: Path, monkeypa
                                                                                                "HEAD")
     assert got.data.tags["mlflow.source.git.commit"] != git(checkout, "rev-parse", "HEAD")
     assert not (executor / "mlruns").exists() and not (executor / "src" / "mlruns").exists()
+
+
+def test_one_host_identity_for_runs_and_trials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Host name, machine id and pid namespace: tracking's run tags and tuning's trial claims
+    record the same identity, and a pid recorded under another identity is never judged here."""
+    import optuna
+
+    from matekd.tuning import recovery
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "box")
+    identity = host_identity()
+    parts = identity.split("/")
+    assert parts[0] == "box" and parts[-1] == str(os.stat("/proc/self/ns/pid").st_ino)
+    machine = next((Path(p).read_text().strip()[:12] for p in ("/etc/machine-id", "/var/lib/dbus/machine-id")
+                    if Path(p).is_file()), None)
+    assert parts[1:-1] == ([machine] if machine else [])
+    assert process_identity()["matekd.host"] == identity
+    study = optuna.create_study()
+    recovery.claim(study.ask(), "session", 0, "cpu")
+    assert study.trials[0].user_attrs[recovery.ATTR_HOST] == identity
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    assert owned_by_dead_process({"matekd.host": identity, "matekd.pid": str(dead.pid)})
+    assert not owned_by_dead_process({"matekd.host": "box", "matekd.pid": str(dead.pid)})   # host name only
+    assert not owned_by_dead_process({"matekd.host": f"box/{'f' * 12}/1", "matekd.pid": str(dead.pid)})

@@ -452,6 +452,25 @@ def test_missing_teacher_files_fail_before_any_study(ws):
     tune(tiny(**{"tune.n_trials": 1}), methods=["kd"])  # kd reads no cache (online teacher logits)
 
 
+def test_dvc_lists_the_tuning_metrics_and_the_student_artifacts(ws):
+    """metrics/tune is written by a plain command, not a stage: dvc.yaml declares it at the top
+    level, so `dvc metrics show` reads what `matekd tune` wrote; the students are model artifacts."""
+    shutil.copy(ROOT / "dvc.yaml", "dvc.yaml")
+    dvc = Path(sys.executable).parent / "dvc"
+    subprocess.run(["git", "init", "-q"], check=True)
+    subprocess.run([str(dvc), "init", "-q"], check=True)
+    tune(tiny(**{"tune.n_trials": 2}))
+    shown = subprocess.run([str(dvc), "metrics", "show", "--json"], capture_output=True, text=True, check=True)
+    data = json.loads(shown.stdout[shown.stdout.index("{"):])[""]["data"]
+    written = json.loads(Path("metrics/tune/mate_kd.json").read_text())
+    assert data["metrics/tune/mate_kd.json"]["data"] == written and written["trials"]["complete"] == 2
+    from dvc.repo import Repo
+
+    artifacts = Repo(".").artifacts.read()["dvc.yaml"]
+    assert {name: (a.path, a.type) for name, a in artifacts.items()} == {
+        "student": ("models/student/distill.safetensors", "model"), "students": ("models/student", "model")}
+
+
 def test_journal_storage(ws):
     params = tiny(**{"tune.storage": "tuning/optuna.log", "tune.n_trials": 2})
     tune(params)
@@ -478,7 +497,7 @@ def test_worker_processes_are_spread_over_the_visible_gpus(ws, monkeypatch):
                                                                            torch.device("cuda", 1)])
     monkeypatch.setattr(tuning.workers, "run_processes", lambda batch, study, logger: jobs.extend(batch))
     with pytest.raises(MatekdError, match="has no completed trial"):  # the stand-in ran no trial
-        tune(tiny(), workers=3)
+        tune(tiny(**{"tune.storage": "tuning/optuna.log"}), workers=3)
     assert [(j.worker, j.device, j.threads) for j in jobs] == [(0, "cuda:0", None), (1, "cuda:1", None),
                                                                (2, "cuda:0", None)]
     assert len({j.session for j in jobs}) == 1 and {j.target for j in jobs} == {6}
@@ -657,21 +676,31 @@ def test_offline_tracking_writes_parent_and_child_run_folders(ws, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------
-# Several worker processes on the default SQLite file, one of them killed
+# Several worker processes: refused on SQLite; on a journal file, one of them killed
 
 
-def test_worker_processes_share_the_sqlite_study_and_a_killed_one_is_failed(ws, monkeypatch, tmp_path):
+@pytest.mark.parametrize("storage", ["tuning/optuna.db", "sqlite:///tuning/other.sqlite"])
+def test_several_workers_on_a_sqlite_file_are_refused_with_the_storage_to_use(ws, storage, capsys):
+    with pytest.raises(ParamsError, match=r"--workers 2 on the SQLite file .*--storage tuning/(optuna|other)\.log"
+                                          r".*postgresql://"):
+        tune(tiny(**{"tune.storage": storage}), workers=2)
+    assert not Path("tuning/optuna.db").exists() and not Path("tuning/other.sqlite").exists()  # refused first
+    assert cli.main(["tune", "--workers", "2", "--storage", storage]) == 2
+    assert "PostgreSQL" in capsys.readouterr().err and not list(Path("tuning").glob("*.db"))
+
+
+def test_worker_processes_share_the_journal_study_and_a_killed_one_is_failed(ws, monkeypatch, tmp_path):
     (tmp_path / "barrier").mkdir()
     monkeypatch.setenv("FAKE_EPOCH_SECONDS", "0.2")
     monkeypatch.setenv("FAKE_BARRIER_DIR", str(tmp_path / "barrier"))
     monkeypatch.setenv("FAKE_BARRIER_N", "2")
     monkeypatch.setenv("FAKE_KILL_ONCE_FILE", str(tmp_path / "killed"))
-    params = tiny(**{"tune.n_trials": 4, "tune.epochs": 2, "tune.pruner": "none"})
+    params = tiny(**{"tune.n_trials": 4, "tune.epochs": 2, "tune.pruner": "none", "tune.storage": "tuning/optuna.log"})
     with pytest.raises(MatekdError, match=r"worker [01] \(cpu\) was killed by signal 9.*Run `matekd tune` again"):
         tune(params, workers=2)
 
     victim_pid = int((tmp_path / "killed").read_text())
-    trials = load().get_trials()
+    trials = load(storage="tuning/optuna.log").get_trials()
     pids = {t.user_attrs.get(recovery.ATTR_PID) for t in trials} - {None}
     assert victim_pid in pids and len(pids) == 2 and os.getpid() not in pids  # both workers took trials
     assert {t.user_attrs.get(recovery.ATTR_WORKER) for t in trials} - {None} == {0, 1}
@@ -684,7 +713,7 @@ def test_worker_processes_share_the_sqlite_study_and_a_killed_one_is_failed(ws, 
     assert len(retry) == 1 and retry[0].params == victims[0].params
 
     summary = tune(params)["mate_kd"]  # the rerun finishes the study
-    trials = load().get_trials()
+    trials = load(storage="tuning/optuna.log").get_trials()
     assert [t.number for t in trials] == list(range(len(trials)))
     assert trials[retry[0].number].state == TrialState.COMPLETE
     assert summary["trials"]["complete"] == 4 and summary["trials"]["fail"] == 1

@@ -262,8 +262,15 @@ def corruption_digest(manifest: Mapping[str, Any]) -> str:
     if manifest.get("array_sha256"):
         content: Any = {"arrays": manifest["array_sha256"], "labels": manifest.get("labels_sha256")}
     else:
-        content = {k: v for k, v in manifest.items() if k != "seconds"}
+        content = {k: v for k, v in manifest.items() if k not in ("seconds", "cpu_seconds", "wall_seconds")}
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def test_set_digest(manifest: Mapping[str, Any]) -> str:
+    """sha256 identifying the prepared test split: of its image and label array hashes."""
+    arrays = manifest.get("arrays") or {}
+    content = {name: (arrays.get(name) or {}).get("sha256") for name in ("test_images", "test_labels")}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def corruption_label(manifest: Mapping[str, Any]) -> str:

@@ -24,6 +24,11 @@ from ..params import Params, flatten
 from ..storage import atomic_dir, sha256_array, sha256_file, write_json
 from .context import stage
 
+TIMING_KEYS = ("seconds", "cpu_seconds", "wall_seconds")   # wall-clock, written apart from the outputs
+# The stage's DVC metric (dvc.yaml), relative to the folder holding cifar10c/. Not in paths.py:
+# every stage depends on that file, and a new name there would rerun the whole pipeline.
+CORRUPT_METRICS = Path("metrics") / "corrupt.json"
+
 
 def run_corrupt(params: Params, prepared_dir: str | Path = "prepared", out_dir: str | Path = "cifar10c",
                 prepared: Any = None, progress: bool = True) -> dict:
@@ -31,7 +36,9 @@ def run_corrupt(params: Params, prepared_dir: str | Path = "prepared", out_dir: 
 
     `prepared` may be passed in (an object with test_images, test_labels, test_index,
     manifest, manifest_hash); otherwise `matekd.data.load_prepared(prepared_dir)` is used.
-    Returns the manifest written to `<out_dir>/manifest.json`.
+    Returns the manifest written to `<out_dir>/manifest.json`. The wall-clock and CPU times go
+    to `<out_dir>/../metrics/corrupt.json` (a DVC metric), not into the manifest: cifar10c/ is
+    an output whose bytes must not change between identical runs.
     """
     cp = params.corrupt
     names = resolve_corruptions(cp.corruptions)
@@ -75,10 +82,17 @@ def run_corrupt(params: Params, prepared_dir: str | Path = "prepared", out_dir: 
         manifest["extra_4_complete"] = all(c in written for c in EXTRA_4)
         manifest["array_sha256"] = {name: sha256_file(build / f"{name}.npy") for name in written}
         manifest["labels_sha256"] = sha256_array(labels_5n)
+        timings = {key: manifest.pop(key) for key in TIMING_KEYS if key in manifest}
         write_json(build / "manifest.json", manifest)
         ctx.run.set_tags({"cifar10c": manifest["label"], "frost": "skipped" if manifest["skipped"] else "used"})
-        ctx.run.log_metrics({f"seconds/{k}": v for k, v in manifest["seconds"].items()})
+        ctx.run.log_metrics({f"seconds/{k}": v for k, v in timings["seconds"].items()})
+        ctx.run.log_metrics({f"cpu_seconds/{k}": v for k, v in timings["cpu_seconds"].items()})
         ctx.run.log_metrics({"images": n, "corruptions": len(written),
-                             "seconds_total": sum(manifest["seconds"].values())})
+                             "seconds_total": sum(timings["seconds"].values())})
         ctx.run.log_artifact(build / "manifest.json", "cifar10c")
+    # Totals only (per corruption: the run's seconds/<name>, cpu_seconds/<name>), so that
+    # `dvc metrics show` gains three columns, not one per corruption.
+    totals = {key: round(sum(value.values()) if isinstance(value, dict) else value, 3)
+              for key, value in timings.items()}
+    write_json(Path(out_dir).parent / CORRUPT_METRICS, totals)
     return manifest

@@ -46,7 +46,7 @@ from ..students import (
     train_students,
     weighting_summary,
 )
-from ..tracking import ModelBuilder
+from ..tracking import ModelBuilder, record_output
 from ..train import assign_round_robin, configure_determinism, device_name, visible_devices
 from .context import log_prepared_input, prepare_device, stage_tags, tracked_run
 
@@ -122,16 +122,20 @@ def train_and_write(params: Params, specs: Sequence[StudentSpec], kind: str, dat
         example = normalize(to_device_tensor(data.val_images[:2], "cpu")).contiguous().numpy()
         all_metrics = []
         for run, student in zip(runs, trained):
-            record = {"mlflow_run_id": run.run_id or "", "run_kind": kind}
+            # Only what the student is goes into its files; which run made them is kept apart
+            # (tracking.record_output), so identical trainings write identical bytes.
+            record = {"run_kind": kind}
             if group:
                 record.update({f"group_{k}": str(v) for k, v in group.items()})
             metrics = write_outputs(student, params, data, device, root, record)
             run.log_metrics(_final_metrics(metrics))
             for key in ("metrics", "plots", "histograms"):
                 run.log_artifact(student_paths(student.spec.output, root)[key], "outputs")
-            run.log_model(student.model.cpu().eval(), name=student.spec.output, input_example=example,
-                          registered_name=f"matekd-student-{student.spec.method.name}",
-                          builder=ModelBuilder("matekd.models:build_model", {"name": student.spec.distill.student}))
+            model_id = run.log_model(
+                student.model.cpu().eval(), name=student.spec.output, input_example=example,
+                registered_name=f"matekd-student-{student.spec.method.name}",
+                builder=ModelBuilder("matekd.models:build_model", {"name": student.spec.distill.student}))
+            record_output(run, "weights", student_paths(student.spec.output, root)["weights"], model_id)
             all_metrics.append(metrics)
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)   # a finished run leaves no checkpoint to resume

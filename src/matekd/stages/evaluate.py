@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from ..evaluation import (
     load_student,
     stratified_order,
     summarise_corruption,
+    test_set_digest,
     to_json_safe,
 )
 from ..models import count_parameters, model_size_mb
@@ -40,8 +42,9 @@ from ..params import Params, flatten
 from ..paths import EVAL_DIR, SUMMARY_METRICS
 from ..plotting import png_bytes
 from ..precision import active_precision
-from ..storage import atomic_dir, write_json
+from ..storage import atomic_dir, sha256_file, write_json
 from ..teachers import load_teacher
+from ..tracking import run_for_digest
 from ..train import device_labels, device_name
 from .context import stage, tracked_run
 
@@ -83,6 +86,8 @@ def run_evaluate(params: Params, prepared_dir: str | Path = "prepared", corrupte
         for path in student_files:
             name = f"student-{path.stem}"
             students[name], student_meta[name] = load_student(path, params.distill.student, device)
+            student_meta[name]["weights_sha256"] = sha256_file(path)
+            student_meta[name]["training_run"] = run_for_digest(student_meta[name]["weights_sha256"]) or {}
         models = {**teachers, **students}
         test_x = to_device_tensor(data.test_images, device)
         table = corruption_table(models, corrupted, c_labels, cfg.batch_size, device, progress)
@@ -107,8 +112,11 @@ def run_evaluate(params: Params, prepared_dir: str | Path = "prepared", corrupte
                 "cifar10c": {"accuracy": table[name], **summary}, **common}
             if name in students:
                 meta = student_meta[name]
+                # The weights' hash (not a run id: this file must not change between identical
+                # runs) lets the report find the logged model of the run that made them.
                 entry.update({"output": name.removeprefix("student-"), "method": meta.get("method"),
-                              "seed": int(meta["seed"]) if str(meta.get("seed", "")).isdigit() else None})
+                              "seed": int(meta["seed"]) if str(meta.get("seed", "")).isdigit() else None,
+                              "weights_sha256": meta["weights_sha256"]})
             results[name] = to_json_safe(entry)
         gradcam = _gradcam_analysis(params, data, teachers, students, device, tau)
         with atomic_dir(root / EVAL_DIR) as tmp:
@@ -120,8 +128,11 @@ def run_evaluate(params: Params, prepared_dir: str | Path = "prepared", corrupte
         write_summary(root / SUMMARY_METRICS, results)
         gradcam_summaries = {n: g for n, (g, _) in gradcam.items()}
         metrics = {name: model_metrics(entry, gradcam_summaries.get(name)) for name, entry in results.items()}
+        datasets = eval_datasets(data, c_manifest, corrupted_dir)
+        for dataset in datasets.values():
+            dataset.log_input(ctx.run)
         _log(ctx.run, root / EVAL_DIR, metrics)
-        _log_per_model(params, ctx.run, results, metrics, student_meta)
+        _log_per_model(params, ctx.run, results, metrics, student_meta, datasets)
     return results
 
 
@@ -222,20 +233,60 @@ def _log(run, folder: Path, metrics: dict[str, dict[str, float]]) -> None:
         run.log_artifact(path, "eval")
 
 
+@dataclass(frozen=True)
+class EvalDataset:
+    """A dataset the models are evaluated on, as a run input and as the dataset of a model metric."""
+
+    name: str
+    digest: str
+    source: str
+    label: str   # what the numbers on it must be called (dataset_label, corruption_label)
+
+    def log_input(self, run: Any) -> None:
+        run.log_input(self.name, self.digest, self.source, "evaluation", tags={"dataset": self.label})
+
+
+def eval_datasets(data: Any, c_manifest: dict, corrupted_dir: str | Path) -> dict[str, EvalDataset]:
+    """{"test": the prepared test split, "cifar10c": the CIFAR-10-C set}."""
+    return {"test": EvalDataset("cifar10-test", test_set_digest(data.manifest), "prepared",
+                                dataset_label(data.manifest)),
+            "cifar10c": EvalDataset("cifar10-c", corruption_digest(c_manifest), Path(corrupted_dir).as_posix(),
+                                    corruption_label(c_manifest))}
+
+
+def metric_dataset_key(metric: str) -> str:
+    """Which evaluation dataset a model_metrics key was measured on (Grad-CAM: test images)."""
+    return "cifar10c" if metric.startswith("cifar10c") else "test"
+
+
 def _log_per_model(params: Params, parent: Any, results: dict[str, dict], metrics: dict[str, dict[str, float]],
-                   student_meta: dict[str, dict]) -> None:
+                   student_meta: dict[str, dict], datasets: dict[str, EvalDataset]) -> None:
     """One nested run per model (`eval <model>`, stage `evaluate-model`) holding its clean and
     CIFAR-10-C numbers, tagged with its method and seed and linked to its training run: the
-    runs table then compares methods on robustness, row by row."""
+    runs table then compares methods on robustness, row by row. Its inputs are the evaluation
+    datasets; a student's metrics are also its logged model's (MLflow 3 model metrics, each
+    with the dataset it was measured on), when this store holds the run that trained it."""
     for name, entry in results.items():
         meta = student_meta.get(name, {})
         tags = {"model": name, "kind": entry["kind"], "dataset": entry["dataset"],
                 "cifar10c": entry["corruption_dataset"], "profile": params.profile}
         logged = {"model": name, "architecture": entry["architecture"]}
         if entry["kind"] == "student":
-            tags.update({"method": entry.get("method") or "", "seed": entry.get("seed"), "output": entry["output"],
-                         "training_run_id": meta.get("mlflow_run_id", "")})
+            tags.update({"method": entry.get("method") or "", "seed": entry.get("seed"), "output": entry["output"]})
             logged.update({"distill.method": entry.get("method"), "distill.seed": entry.get("seed")})
+        training = meta.get("training_run") or {}
+        same_store = training.get("mode") == parent.mode   # ids of this store (offline ids are mapped at sync)
+        if same_store:
+            tags["training_run_id"] = training["run_id"]
+        model_id = training.get("model_id") if same_store else None
         with tracked_run(params, run_name=f"eval {name}", stage="evaluate-model", log_params=logged, tags=tags,
                          parent_run_id=parent.run_id) as run:
-            run.log_metrics(metrics[name])
+            for dataset in datasets.values():
+                dataset.log_input(run)
+            if model_id:
+                run.set_tags({"logged_model_id": model_id})
+                run.log_model_input(model_id)
+            for key, dataset in datasets.items():
+                values = {k: v for k, v in metrics[name].items() if metric_dataset_key(k) == key}
+                if values:
+                    run.log_metrics(values, model_id=model_id, dataset=(dataset.name, dataset.digest))

@@ -9,9 +9,10 @@ from typing import Any
 
 from ..errors import MatekdError
 from ..params import Params, flatten
-from ..paths import REPORT_DIR
+from ..paths import REPORT_DIR, parse_ablation_output
 from ..report import build_report, load_inputs
 from ..storage import atomic_dir
+from ..tracking import run_for_digest
 from .context import tracked_run
 
 
@@ -40,4 +41,28 @@ def run_report(params: Params, root: str | Path = ".") -> dict[str, Any]:
         for path in sorted((out_dir / "plots").glob("*.csv")):
             run.log_artifact(path, "report/plots")
         run.log_metrics({k: v for k, v in summary["headline"].items() if not math.isnan(v)})
+        mark_reported_models(run, inputs.evals)
     return summary
+
+
+def report_alias(output: str) -> str:
+    """The registered-model alias of the version a report used: `report-seed<k>` for a student
+    of the ablation matrix (its registered model is its method's), `report-<output>` otherwise
+    (`report-distill` for the configured run's student)."""
+    parsed = parse_ablation_output(output)
+    return f"report-seed{parsed[1]}" if parsed else f"report-{output}"
+
+
+def mark_reported_models(run: Any, evals: dict[str, dict]) -> list[str]:
+    """Point each reported student's alias (report_alias) at the registered version of the
+    logged model its training run made, when this store holds that run; returns the aliases set.
+    The weights' hash recorded by evaluate finds the run (tracking.run_for_digest)."""
+    done = []
+    for entry in evals.values():
+        if entry.get("kind") != "student" or not entry.get("weights_sha256") or not entry.get("output"):
+            continue
+        made = run_for_digest(entry["weights_sha256"]) or {}
+        if made.get("model_id") and made.get("mode") == run.mode:
+            run.set_model_alias(made["model_id"], report_alias(entry["output"]))
+            done.append(report_alias(entry["output"]))
+    return done

@@ -96,6 +96,7 @@ def run_tune(params: Params, methods: list[str] | None = None, storage: str | No
     chosen = tuning.select_methods(params, methods)
     tuning.check_space(params, chosen)
     spec = tuning.resolve_storage(storage or params.tune.storage)
+    tuning.check_workers(spec, workers)
     data = load_prepared(prepared_dir)
     teachers = {m.name: tuning.teacher_identity(params, m) for m in chosen}
     unused = tuning.unused_keys(params.tune, chosen)

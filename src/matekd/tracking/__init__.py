@@ -33,6 +33,7 @@ from .context import git_state, installed_packages, process_identity, run_tags
 from .mlflow_store import MlflowRun, client_for, experiment_id
 from .models import ModelBuilder
 from .offline import OfflineRun, close_stale_offline_runs, read_folder
+from .provenance import producing_run, record_output, run_for_digest
 from .roots import artifact_root, offline_root, store_root, tracking_uri, workspace_root
 from .signals import RunInterrupted, interrupts_as_exceptions, signals_deferred
 from .sync import SyncSummary, sync_runs
@@ -132,6 +133,7 @@ __all__ = [
     "MODES", "ModelBuilder", "NullRun", "MlflowRun", "OfflineRun", "OfflineRunError", "RunInterrupted",
     "TrackingError",
     "artifact_root", "client_for", "closing_run", "experiment_id", "git_state", "offline_root", "process_identity",
-    "read_folder", "reopen_run", "start_run", "store_root", "SyncSummary", "sync_runs", "tracking_enabled",
+    "producing_run", "read_folder", "record_output", "reopen_run", "start_run", "store_root", "SyncSummary",
+    "run_for_digest", "sync_runs", "tracking_enabled",
     "tracking_mode", "tracking_uri", "workspace_root",
 ]

@@ -74,8 +74,9 @@ def name_problem(kind: str, name: Any) -> str | None:
     if not isinstance(name, str) or not name:
         return f"{kind} key {name!r} is not a non-empty string"
     try:
-        from mlflow.exceptions import MlflowException
-        from mlflow.utils import validation
+        from .mlflow_private import mlflow_name_problem
+
+        problem = mlflow_name_problem(kind, name)
     except ImportError:
         import posixpath
 
@@ -86,15 +87,20 @@ def name_problem(kind: str, name: Any) -> str | None:
         if norm != name or norm == "." or norm.startswith("..") or norm.startswith("/"):
             return f"{kind} key {name!r} would resolve to another path ({norm!r})"
     else:
-        check = {"metric": validation._validate_metric_name, "param": validation._validate_param_name,
-                 "tag": validation._validate_tag_name}[kind]
-        try:
-            check(name)
-        except MlflowException as exc:
-            return f"{kind} key {name!r}: {exc.message}"
+        if problem:
+            return problem
     if len(name) > MAX_KEY_LENGTH:
         return f"{kind} key {name[:40]!r}... is longer than {MAX_KEY_LENGTH} characters"
     return None
+
+
+def metric_dataset(dataset: tuple[str, str] | None) -> tuple[str | None, str | None]:
+    """(name, digest) of a metric's dataset, the digest cut as MLflow stores a dataset input's
+    (so the metric names the same dataset as the run's input); (None, None) without one."""
+    if dataset is None:
+        return None, None
+    name, digest = dataset
+    return str(name), str(digest)[:MAX_DATASET_DIGEST_SIZE]
 
 
 def dataset_record(name: str, digest: str, source: str, context: str = "training", *, source_type: str = "local",
@@ -118,8 +124,15 @@ class NullRun:
 
     run_id: str | None = None
     active = False
+    mode = "off"   # the tracking mode (tracking_mode) whose ids run_id is one of
 
-    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None: ...
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None, *, model_id: str | None = None,
+                    dataset: tuple[str, str] | None = None) -> None:
+        """Metrics of the run; with `model_id` (what log_model returned, this run's or another's
+        of the same mode) also of that logged model (MLflow 3's model metrics: the model's page
+        and `search_logged_models` show them), measured on `dataset` = (name, digest) when given
+        (the digest as log_input records it)."""
+
     def log_params(self, params: dict[str, Any]) -> None: ...
     def set_tags(self, tags: dict[str, Any]) -> None: ...
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None: ...
@@ -143,7 +156,7 @@ class NullRun:
         """Record a dataset the run read (MLflow's run inputs: the UI's Datasets column)."""
 
     def log_model(self, model: Any, *, name: str, input_example: Any, registered_name: str | None = None,
-                  builder: Any = None) -> None:
+                  builder: Any = None) -> str | None:
         """Log a trained torch model as an MLflow model of this run: exported with torch.export
         (MLflow's pickle-free `pt2` format), with a tensor signature taken from `input_example`
         (float array or tensor, batch >= 2; the batch dimension stays free) and the model's output
@@ -152,10 +165,20 @@ class NullRun:
         {"name": "resnet20"})) says how to rebuild the architecture: offline runs need it (the
         weights are stored as safetensors and the model is rebuilt and exported at sync); online
         it is checked and recorded as a tag. Never ends the run; a failure warns and training
-        goes on."""
+        goes on. Returns the logged model's id (offline: its offline id, which sync maps), None
+        when nothing was logged."""
+        return None
+
+    def log_model_input(self, model_id: str) -> None:
+        """Record a logged model (log_model's return value, of a run of the same mode) as an input
+        of this run: an evaluation run lists the model it evaluated, the model lists the run."""
+
+    def set_model_alias(self, model_id: str, alias: str) -> None:
+        """Point `alias` of the registered model that `model_id` (log_model's return value, of a
+        run of the same mode) was registered as at that version (`models:/<name>@<alias>`)."""
 
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
 __all__ = ["OFF_SWITCH", "NullRun", "OfflineRunError", "TrackingError", "call_with_retries", "dataset_record",
-           "first_line", "name_problem", "now_ms", "retry"]
+           "first_line", "metric_dataset", "name_problem", "now_ms", "retry"]

@@ -4,6 +4,7 @@ from one that is still alive)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import getpass
 import importlib.metadata
@@ -61,47 +62,38 @@ def _strip_credentials(url: str) -> str:
 
 
 def _git_source(root: Path) -> dict[str, str | None]:
-    """Commit, branch and remote URL, by MLflow's own helpers (GitPython) when mlflow is
-    installed, else by the git command line."""
-    try:
-        from mlflow.utils import git_utils
-    except ImportError:
-        git_utils = None
-    if git_utils is not None:
-        return {"mlflow.source.git.commit": git_utils.get_git_commit(str(root)),
-                "mlflow.source.git.branch": git_utils.get_git_branch(str(root)),
-                "mlflow.source.git.repoURL": git_utils.get_git_repo_url(str(root))}
+    """Branch and remote URL (credentials stripped) of the checkout, by the git command line; the
+    commit comes from git_state. (MLflow's own helpers, `mlflow.utils.git_utils`, are not public.)"""
     branch = _git(root, "symbolic-ref", "--short", "-q", "HEAD")
     remotes = _git(root, "remote")
     url = None
     if remotes is not None and remotes.returncode == 0 and remotes.stdout.split():
-        got = _git(root, "remote", "get-url", remotes.stdout.split()[0])
+        names = remotes.stdout.split()
+        got = _git(root, "remote", "get-url", "origin" if "origin" in names else names[0])
         url = _strip_credentials(got.stdout.strip()) if got is not None and got.returncode == 0 else None
     name = branch.stdout.strip() if branch is not None and branch.returncode == 0 else ""
-    return {"mlflow.source.git.commit": None,  # filled from git_state by the caller
-            "mlflow.source.git.branch": name or None, "mlflow.source.git.repoURL": url}
+    return {"mlflow.source.git.branch": name or None, "mlflow.source.git.repoURL": url}
 
 
 def source_tags(stage: str, root: Path, git: dict[str, str]) -> dict[str, str]:
     """MLflow's system tags: user and source type from MLflow's run-context providers
-    (`mlflow.tracking.context.registry.resolve_tags`, which also honours MLFLOW_RUN_CONTEXT and
-    plugin providers), source name `matekd <stage>`, and the git commit/branch/URL/dirty flag of
-    the workspace. MLflow's own git provider is left out: it looks at sys.argv[0] (the console
-    script inside .venv, or pytest), not at the checkout that runs."""
+    (mlflow_private.context_tags, which also honours MLFLOW_RUN_CONTEXT and plugin providers),
+    source name `matekd <stage>`, and the git commit/branch/URL/dirty flag of the workspace.
+    MLflow's own git provider is left out: it looks at sys.argv[0] (the console script inside
+    .venv, or pytest), not at the checkout that runs."""
     try:
-        from mlflow.tracking.context.git_context import GitRunContext
-        from mlflow.tracking.context.registry import resolve_tags
+        from .mlflow_private import context_tags
+
+        tags: dict[str, Any] = context_tags()
     except ImportError:  # offline on a machine without mlflow: the same tags by hand
         try:
             user = getpass.getuser()
         except Exception:
             user = "unknown"
-        tags: dict[str, Any] = {"mlflow.user": user, "mlflow.source.type": "LOCAL"}
-    else:
-        tags = dict(resolve_tags(ignore=[GitRunContext]))
+        tags = {"mlflow.user": user, "mlflow.source.type": "LOCAL"}
     tags["mlflow.source.name"] = f"matekd {stage}"
     tags.update({key: value for key, value in _git_source(root).items() if value})
-    if "mlflow.source.git.commit" not in tags and git.get("git_commit", "unknown") != "unknown":
+    if git.get("git_commit", "unknown") != "unknown":
         tags["mlflow.source.git.commit"] = git["git_commit"]
     if git.get("git_dirty", "unknown") != "unknown":
         tags["mlflow.source.git.dirty"] = git["git_dirty"]
@@ -128,8 +120,27 @@ def process_start(pid: int) -> str | None:
     return fields[19] if fields is not None and len(fields) > 19 else None
 
 
+MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
+
+
+def host_identity() -> str:
+    """The pid space this process lives in, `<host name>/<machine id>/<pid namespace inode>` (the
+    parts that can be read): two containers may share a host name, and a store, while their pids
+    name different processes. Runs (tracking) and trials (tuning) record it to tell whether a pid
+    they name can be checked from here."""
+    machine = ""
+    for path in MACHINE_ID_FILES:
+        with contextlib.suppress(OSError):
+            machine = Path(path).read_text().strip()[:12]
+            break
+    namespace = ""
+    with contextlib.suppress(OSError):
+        namespace = str(os.stat("/proc/self/ns/pid").st_ino)
+    return "/".join(part for part in (socket.gethostname(), machine, namespace) if part)
+
+
 def process_identity() -> dict[str, str]:
-    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    tags = {HOST_TAG: host_identity(), PID_TAG: str(os.getpid())}
     start = process_start(os.getpid())
     if start:
         tags[PID_START_TAG] = start
@@ -157,8 +168,8 @@ def pid_alive(pid: int, start: str | None = None) -> bool:
 
 def _local_owner(tags: dict[str, Any]) -> tuple[int, str | None] | None:
     """(pid, start ticks) of the process the tags name when it is one of this host, else None."""
-    if tags.get(HOST_TAG) != socket.gethostname():
-        return None  # another machine: we cannot know
+    if tags.get(HOST_TAG) != host_identity():
+        return None  # another machine or container: we cannot know
     pid = str(tags.get(PID_TAG, ""))
     return (int(pid), tags.get(PID_START_TAG)) if pid.isdigit() else None
 

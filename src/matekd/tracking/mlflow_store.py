@@ -1,7 +1,8 @@
 """The online tracker: runs in an MLflow store through `MlflowClient` (mlflow imported lazily).
 
 Also: the store's get-or-create of experiments, closing runs that a killed process left
-RUNNING, relocating a copied or moved default store, and deleting runs (sync roll-back)."""
+RUNNING, and deleting runs (sync roll-back). Relocating a copied or moved default store is raw
+SQL on MLflow's tables: see mlflow_private."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import contextlib
 import logging
 import os
 import shutil
-import sqlite3
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,10 +25,12 @@ from ._base import (
     call_with_retries,
     dataset_record,
     first_line,
+    metric_dataset,
     retry,
 )
 from .context import STALE_TAG, owned_by_dead_process, process_identity, stale_note
-from .roots import artifact_root, default_store_dir, is_default_store, sqlite_path, uri_to_path
+from .mlflow_private import relocate_store
+from .roots import artifact_root, is_default_store, uri_to_path
 
 log = logging.getLogger("matekd.tracking")
 _BATCH_SIZES = {"metrics": MAX_METRICS_PER_BATCH, "params": MAX_PARAMS_TAGS_PER_BATCH,
@@ -48,6 +50,7 @@ class MlflowRun(NullRun):
     so a tracking hiccup never stops training (DVC outputs are still written)."""
 
     active = True
+    mode = "online"
 
     def __init__(self, client: Any, run_id: str):
         self.client = client
@@ -56,11 +59,14 @@ class MlflowRun(NullRun):
     def _call(self, what: str, fn, *args, **kwargs) -> bool:
         return retry(what, fn, *args, **kwargs)
 
-    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None, *, model_id: str | None = None,
+                    dataset: tuple[str, str] | None = None) -> None:
         from mlflow.entities import Metric
 
         now = _base.now_ms()
-        items = [Metric(key, float(value), now, step or 0) for key, value in metrics.items()]
+        dataset_name, dataset_digest = metric_dataset(dataset)
+        items = [Metric(key, float(value), now, step or 0, model_id=model_id, dataset_name=dataset_name,
+                        dataset_digest=dataset_digest) for key, value in metrics.items()]
         log_in_batches(self._call, "log_metrics", self.client, self.run_id, "metrics", items)
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -105,15 +111,32 @@ class MlflowRun(NullRun):
         self._call(f"log_input {name}", self.client.log_inputs, self.run_id, datasets=[dataset_input(record)])
 
     def log_model(self, model: Any, *, name: str, input_example: Any, registered_name: str | None = None,
-                  builder: Any = None) -> None:
+                  builder: Any = None) -> str | None:
         from .models import ModelRequest, export_copy, log_to_store
 
         try:
             request = ModelRequest.check(name, registered_name, builder, input_example)
-            log_to_store(self.client, self.run_id, export_copy(model, request.builder), request, call_with_retries)
+            return log_to_store(self.client, self.run_id, export_copy(model, request.builder), request,
+                                call_with_retries).model_id
         except Exception as exc:  # an export, a builder, the store: warn and go on
             warnings.warn(f"MLflow: log_model {name} failed ({type(exc).__name__}: {first_line(exc)}); "
                           "training goes on", stacklevel=2)
+            return None
+
+    def log_model_input(self, model_id: str) -> None:
+        from mlflow.entities import LoggedModelInput
+
+        self._call(f"log_inputs model {model_id}", self.client.log_inputs, self.run_id,
+                   models=[LoggedModelInput(model_id)])
+
+    def set_model_alias(self, model_id: str, alias: str) -> None:
+        from .models import set_alias
+
+        try:
+            set_alias(self.client, model_id, alias, call_with_retries)
+        except Exception as exc:
+            warnings.warn(f"MLflow: alias {alias} of model {model_id} failed ({type(exc).__name__}: "
+                          f"{first_line(exc)})", stacklevel=2)
 
     def finish(self, status: str = "FINISHED") -> None:
         self._call("set_terminated", self.client.set_terminated, self.run_id, status, end_time=_base.now_ms())
@@ -248,116 +271,32 @@ def close_stale_runs(client: Any, exp_id: str, stage: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# a copied or moved default store
-
-_RELOCATED = (("experiments", "artifact_location"), ("runs", "artifact_uri"), ("logged_models", "artifact_location"))
-
-
-def _old_store_dirs(locations: list[str], here: Path) -> set[Path]:
-    """Other `<X>/mlruns` folders that experiments keep their artifacts in (`<X>/mlruns/artifacts`,
-    the layout matekd creates), which are not this store's folder."""
-    found = set()
-    for location in locations:
-        path = uri_to_path(location or "")
-        if path is None or path.name != "artifacts" or path.parent.name != here.name:
-            continue
-        old = path.parent
-        if old == here:
-            continue
-        with contextlib.suppress(OSError):
-            if (old / "mlflow.db").exists() and os.path.samefile(old / "mlflow.db", here / "mlflow.db"):
-                continue  # the same store under another name (a symlink)
-        found.add(old)
-    return found
-
-
-def relocate_store(uri: str) -> int:
-    """Make a copied or moved checkout's default store log into its own `mlruns/`.
-
-    MLflow records absolute artifact locations (experiments.artifact_location, runs.artifact_uri,
-    logged_models.artifact_location). A checkout copied or moved together with its mlruns/ would
-    silently write new artifacts into the old checkout's folder and show the old ones from
-    there. MLflow has no API to change an experiment's artifact location, so this rewrites the
-    prefix `<old>/mlruns/` to `<this repo>/mlruns/` (file URI and plain path forms) in those
-    columns, in one SQLite transaction. Only the default store is touched and only locations of
-    the `<X>/mlruns/artifacts` layout that is not this store's. Returns the rows changed."""
-    database = sqlite_path(uri)
-    if database is None or not database.exists():
-        return 0
-    here = database.parent.resolve()
-    if here != default_store_dir().resolve():
-        return 0
-    try:
-        con = sqlite3.connect(str(database), timeout=60, isolation_level=None)
-    except sqlite3.Error:
-        return 0
-    changed = 0
-    try:
-        tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if "experiments" not in tables:
-            return 0
-        locations = [row[0] for row in con.execute("SELECT artifact_location FROM experiments")]
-        if not _old_store_dirs(locations, here):
-            return 0
-        con.execute("BEGIN IMMEDIATE")
-        try:
-            old_dirs = _old_store_dirs([row[0] for row in con.execute("SELECT artifact_location FROM experiments")],
-                                       here)  # again, under the write lock: another process may have done it
-            for old in sorted(old_dirs):
-                for old_prefix, new_prefix in ((old.as_uri() + "/", here.as_uri() + "/"),
-                                               (f"{old}/", f"{here}/")):
-                    for table, column in _RELOCATED:
-                        if table not in tables:
-                            continue
-                        cursor = con.execute(
-                            f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
-                            f"WHERE substr({column}, 1, ?) = ?",
-                            (new_prefix, len(old_prefix) + 1, len(old_prefix), old_prefix))
-                        changed += cursor.rowcount
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        if changed:
-            log.warning("matekd: this MLflow store was copied or moved from %s; %d artifact locations now "
-                        "point into %s", ", ".join(map(str, sorted(old_dirs))), changed, here)
-    except sqlite3.Error as exc:
-        raise TrackingError(f"cannot relocate the MLflow store {database} to this checkout ({exc}); "
-                            f"run with {OFF_SWITCH}") from exc
-    finally:
-        con.close()
-    return changed
-
-
-# ---------------------------------------------------------------------------------------------
 # deleting runs (sync roll-back)
 
 def delete_runs(client: Any, run_ids: list[str]) -> tuple[bool, list[str]]:
     """Remove runs with their artifacts, logged models and registered versions: permanently
     where the store can (SQL stores; the steps of `mlflow gc --run-ids`), else soft-deleted.
     Returns (permanent, run ids that could not be removed)."""
+    from .mlflow_private import delete_artifacts, hard_delete_run, hard_delete_store
     from .models import delete_models_of_run
 
-    store = getattr(getattr(client, "_tracking_client", None), "store", None)
-    permanent = hasattr(store, "_hard_delete_run")
+    store = hard_delete_store(client)
     failed = []
     for run_id in reversed(run_ids):  # children before parents
         try:
             try:
-                delete_models_of_run(client, run_id, store if permanent else None)
+                delete_models_of_run(client, run_id, store)
             except Exception as exc:  # e.g. a store without a model registry: the run still goes
                 log.warning("matekd: could not remove the models of run %s (%s); delete them in MLflow", run_id, exc)
             artifact_uri = client.get_run(run_id).info.artifact_uri
             client.delete_run(run_id)
-            if permanent:
-                from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
+            if store is not None:
                 with contextlib.suppress(Exception):
-                    get_artifact_repository(artifact_uri).delete_artifacts()
+                    delete_artifacts(artifact_uri)
                     folder = uri_to_path(artifact_uri)
                     if folder is not None and folder.parent.is_dir() and not any(folder.parent.iterdir()):
                         shutil.rmtree(folder.parent, ignore_errors=True)  # the empty <run id>/ folder
-                store._hard_delete_run(run_id)
+                hard_delete_run(store, run_id)
         except Exception:
             failed.append(run_id)
-    return permanent, failed
+    return store is not None, failed

@@ -312,27 +312,39 @@ def log_to_store(client: Any, run_id: str, model: Any, request: ModelRequest,
     return result
 
 
+def set_alias(client: Any, model_id: str, alias: str, call: Callable[..., Any]) -> str | None:
+    """Point `alias` at the registered version of logged model `model_id` (found through the
+    model's `mlflow.modelVersions` tag, which log_to_store sets as mlflow.register_model does);
+    returns "<name>@<alias> -> v<version>", None when the model was not registered."""
+    logged = call("get_logged_model", client.get_logged_model, model_id)
+    versions = json.loads(logged.tags.get(MODEL_VERSIONS_TAG) or "[]")
+    if not versions:
+        return None
+    name, version = versions[-1]["name"], versions[-1]["version"]
+    call("set_registered_model_alias", client.set_registered_model_alias, name, alias, version)
+    return f"{name}@{alias} -> v{version}"
+
+
 def delete_models_of_run(client: Any, run_id: str, store: Any = None) -> None:
     """Remove the registered versions and logged models of run `run_id` (before the run itself
     is removed by sync's roll-back or by the redo of an interrupted import), so that a run
-    imported again does not leave an extra version behind. With a SQL `store`, the logged
-    models are deleted permanently (as `mlflow gc` does), else soft-deleted. Raises on failure."""
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    imported again does not leave an extra version behind. With a SQL `store`
+    (mlflow_private.hard_delete_store), the logged models are deleted permanently (as `mlflow gc`
+    does), else soft-deleted. Raises on failure."""
+    from .mlflow_private import delete_artifacts, hard_delete_logged_model
 
     for version in client.search_model_versions(f"run_id = '{run_id}'"):
         client.delete_model_version(version.name, version.version)
     experiment = client.get_run(run_id).info.experiment_id
     for logged in client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'"):
         try:
-            get_artifact_repository(logged.artifact_location).delete_artifacts()
+            delete_artifacts(logged.artifact_location)
         except Exception:
             pass  # no artifacts (an export that failed) or already gone
         folder = uri_to_path(logged.artifact_location or "")
         if folder is not None and folder.name == "artifacts" and folder.parent.name == logged.model_id:
             shutil.rmtree(folder.parent, ignore_errors=True)
-        if hasattr(store, "_hard_delete_logged_model"):
-            store._hard_delete_logged_model(logged.model_id)
-        else:
+        if store is None or not hard_delete_logged_model(store, logged.model_id):
             client.delete_logged_model(logged.model_id)
 
 
@@ -362,4 +374,4 @@ def load_offline_model(folder: Path, record: Mapping[str, Any]) -> tuple[Any, Mo
 
 __all__ = ["LoggedModelResult", "ModelBuilder", "ModelExportError", "ModelRequest", "ModelRequestError",
            "delete_models_of_run", "example_output", "export_copy", "load_offline_model", "log_to_store", "rebuild",
-           "request_problems", "signature_for", "state_dict_of"]
+           "request_problems", "set_alias", "signature_for", "state_dict_of"]

@@ -8,9 +8,12 @@ Layout of `<offline_dir>/<run id>/` (the run id is a uuid4 hex, like MLflow's):
                      an MLflow run id), status, start_time, end_time (ms), tags, params,
                      inputs (dataset inputs), host, pid; and models (log_model), each
                      {name, registered_name, builder {target, kwargs}, weights, input_example},
-                     the last two {path, size, sha256}
+                     the last two {path, size, sha256}; aliases (set_model_alias), each
+                     {model_id, alias}; model_inputs (log_model_input), model ids
     metrics.jsonl    append-only, one line per metric value, flushed per call:
-                     {"key", "value", "step", "timestamp"}
+                     {"key", "value", "step", "timestamp"}, and for a logged model's metric
+                     "model_id" (the <id> of a models/<id>/ folder of this or another run of
+                     the folder; sync maps it) with "dataset_name" and "dataset_digest"
     artifacts.jsonl  append-only, one line per logged file: {"path", "size", "sha256"};
                      the file is artifacts/<path> (written to a temp file, then renamed)
     artifacts/       the files, under their artifact paths
@@ -37,7 +40,6 @@ import json
 import os
 import posixpath
 import shutil
-import socket
 import tempfile
 import threading
 import uuid
@@ -50,8 +52,15 @@ from typing import Any
 from ..errors import MatekdError
 from ..storage import atomic_dir, atomic_path, save_tensors, sha256_file
 from . import _base
-from ._base import NullRun, OfflineRunError, dataset_record, first_line, name_problem
-from .context import STALE_TAG, owned_by_dead_process, owned_by_live_process, process_identity, stale_note
+from ._base import NullRun, OfflineRunError, dataset_record, first_line, metric_dataset, name_problem
+from .context import (
+    STALE_TAG,
+    host_identity,
+    owned_by_dead_process,
+    owned_by_live_process,
+    process_identity,
+    stale_note,
+)
 from .models import (
     ModelBuilder,
     ModelRequest,
@@ -97,6 +106,7 @@ class OfflineRun(NullRun):
     training goes on, as for the online tracker."""
 
     active = True
+    mode = "offline"
 
     def __init__(self, folder: Path, record: dict[str, Any]):
         self.folder = folder
@@ -115,7 +125,7 @@ class OfflineRun(NullRun):
         record = {"format": FORMAT, "run_id": run_id, "experiment": experiment, "run_name": run_name,
                   "parent_run_id": parent_run_id, "status": "RUNNING", "start_time": _base.now_ms(),
                   "end_time": None, "tags": {str(k): str(v) for k, v in tags.items()}, "params": {},
-                  "inputs": [], "host": socket.gethostname(), "pid": os.getpid()}
+                  "inputs": [], "host": host_identity(), "pid": os.getpid()}
         try:
             with atomic_dir(root / run_id) as staging:
                 for name in (METRICS_FILE, ARTIFACTS_FILE, IMAGES_FILE):
@@ -136,7 +146,7 @@ class OfflineRun(NullRun):
         except (OSError, ValueError):
             return None
         run = cls(folder, record)
-        run.record.update(status="RUNNING", end_time=None, host=socket.gethostname(), pid=os.getpid())
+        run.record.update(status="RUNNING", end_time=None, host=host_identity(), pid=os.getpid())
         run.record["tags"].update(process_identity())
         run._save("reopen")
         return run
@@ -198,10 +208,15 @@ class OfflineRun(NullRun):
 
     # ---- the run interface
 
-    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None, *, model_id: str | None = None,
+                    dataset: tuple[str, str] | None = None) -> None:
         now = _base.now_ms()
+        dataset_name, dataset_digest = metric_dataset(dataset)
+        # The links are written only when present: a plain metric's line stays as before.
+        links = {key: value for key, value in (("model_id", model_id), ("dataset_name", dataset_name),
+                                               ("dataset_digest", dataset_digest)) if value is not None}
         try:
-            lines = [{"key": key, "value": float(value), "step": int(step or 0), "timestamp": now}
+            lines = [{"key": key, "value": float(value), "step": int(step or 0), "timestamp": now, **links}
                      for key, value in metrics.items()]
         except (TypeError, ValueError) as exc:
             self._warn("log_metrics", exc)
@@ -325,7 +340,7 @@ class OfflineRun(NullRun):
             self._save(f"log_input {name}")
 
     def log_model(self, model: Any, *, name: str, input_example: Any, registered_name: str | None = None,
-                  builder: Any = None) -> None:
+                  builder: Any = None) -> str | None:
         """Record the model for sync: its state dict as safetensors, the input example as .npy,
         its builder, name and registered name. The builder is checked now (the weights must
         load into the model it builds, whose output on the example must be one tensor), so
@@ -339,7 +354,7 @@ class OfflineRun(NullRun):
             example_output(rebuild(request.builder, state), request.example)
         except Exception as exc:
             self._warn(f"log_model {name}", f"{type(exc).__name__}: {first_line(exc)}")
-            return
+            return None
         import numpy as np
 
         model_id = new_run_id()
@@ -357,12 +372,25 @@ class OfflineRun(NullRun):
                                                     ("input_example", "input_example.npy"))}
             except Exception as exc:
                 self._warn(f"log_model {name}", getattr(exc, "strerror", None) or exc)
-                return
+                return None
             self.record.setdefault("models", []).append(
                 {"name": request.name, "registered_name": request.registered_name,
                  "builder": request.builder.to_json(), **files})
             self.record["format"] = FORMAT_WITH_MODELS
             self._save(f"log_model {name}")
+        return model_id
+
+    def log_model_input(self, model_id: str) -> None:
+        """Recorded in run.json's `model_inputs`; sync maps the id and logs it."""
+        with self._lock:
+            self.record.setdefault("model_inputs", []).append(str(model_id))
+            self._save(f"log_model_input {model_id}")
+
+    def set_model_alias(self, model_id: str, alias: str) -> None:
+        """Recorded in run.json's `aliases`; sync sets it once the model is imported."""
+        with self._lock:
+            self.record.setdefault("aliases", []).append({"model_id": str(model_id), "alias": str(alias)})
+            self._save(f"alias {alias}")
 
     def finish(self, status: str = "FINISHED") -> None:
         with self._lock:
@@ -504,6 +532,9 @@ def _check_metric(item: dict[str, Any]) -> str | None:
         return "metric step and timestamp must be integers"
     if not isinstance(item["value"], (int, float)) or isinstance(item["value"], bool):
         return f"metric value {item['value']!r} is not a number"
+    links = [item.get(k) for k in ("model_id", "dataset_name", "dataset_digest")]
+    if any(v is not None and not isinstance(v, str) for v in links) or (links[1] is None) != (links[2] is None):
+        return "metric model_id, dataset_name and dataset_digest must be strings (name and digest together)"
     return name_problem("metric", item["key"])
 
 
@@ -567,6 +598,14 @@ def _check_meta(meta: Any, folder: Path) -> str | None:
             return f"dataset input {item!r} lacks name, digest, source_type or source"
         if not isinstance(item.get("tags", {}), dict):
             return f"dataset input {item.get('name')!r}: tags must be a mapping"
+    model_inputs = meta.get("model_inputs", [])
+    if not isinstance(model_inputs, list) or not all(isinstance(m, str) for m in model_inputs):
+        return "'model_inputs' must be a list of model ids"
+    aliases = meta.get("aliases", [])
+    if not isinstance(aliases, list) or not all(
+            isinstance(a, dict) and isinstance(a.get("model_id"), str) and isinstance(a.get("alias"), str)
+            for a in aliases):
+        return "'aliases' must be a list of {model_id, alias}"
     models = meta.get("models", [])
     if not isinstance(models, list) or (models and meta["format"] != FORMAT_WITH_MODELS):
         return f"'models' must be a list, in format {FORMAT_WITH_MODELS!r}"

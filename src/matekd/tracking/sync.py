@@ -21,6 +21,10 @@ children and `mlflow.parentRunId` points to the parent's new MLflow id.
   says which. Experiments it created stay (empty): a deleted experiment's name stays taken.
 - A run still RUNNING: skipped (with its descendants) while its process is alive on this host,
   else imported as FAILED with the tag `matekd.sync_note` and its last record's time as end time.
+- Links between runs are mapped to the new ids: the tags `training_run_id` (a run) and
+  `logged_model_id` (a model), model metrics (`model_id` of a metric line, MLflow 3's metrics of
+  a logged model, with their dataset), model inputs and registered-model aliases. A link to a
+  model this sync did not import (e.g. synced earlier) is left out and counted in `unlinked`.
 """
 
 from __future__ import annotations
@@ -35,13 +39,18 @@ from typing import Any
 from . import roots
 from ._base import MatekdError, OfflineRunError, TrackingError
 from .context import owned_by_live_process, process_identity
-from .mlflow_store import client_for, dataset_input, delete_runs, experiment_id, log_in_batches, relocate_store
-from .models import ModelBuilder, ModelExportError, ModelRequestError, load_offline_model, log_to_store
+from .mlflow_private import relocate_store
+from .mlflow_store import client_for, dataset_input, delete_runs, experiment_id, log_in_batches
+from .models import ModelBuilder, ModelExportError, ModelRequestError, load_offline_model, log_to_store, set_alias
 from .offline import RUN_FILE, OfflineRecord, iter_parents_first, load_image, read_folder
 
 OFFLINE_ID_TAG = "matekd.offline_run_id"
 IMPORTING_TAG = "matekd.sync_importing"
 SYNC_NOTE_TAG = "matekd.sync_note"
+# Tags whose value is another run's id: an offline id there becomes the imported run's MLflow id
+# (runs are imported in start order, so a training run comes before the evaluation naming it).
+RUN_LINK_TAGS = ("training_run_id",)
+MODEL_LINK_TAGS = ("logged_model_id",)   # likewise for a logged model's id
 
 
 @dataclass
@@ -55,6 +64,8 @@ class SyncSummary:
     replaced_partial: list[str] = field(default_factory=list)       # MLflow runs of an interrupted sync, removed
     models: list[str] = field(default_factory=list)                 # "<name> of run <offline id>[ -> <registered> vN]"
     models_failed: list[str] = field(default_factory=list)          # why a recorded model could not be exported
+    unlinked: list[str] = field(default_factory=list)               # model links whose model this sync lacks
+    aliases: list[str] = field(default_factory=list)                # "<registered name>@<alias> -> v<version>"
 
     def __str__(self) -> str:
         parts = [f"{len(self.imported)} runs imported", f"{len(self.already_present)} already present"]
@@ -68,6 +79,11 @@ class SyncSummary:
             parts.append(f"{len(self.models)} models logged")
         if self.models_failed:
             parts.append(f"{len(self.models_failed)} models could not be exported (see the warnings)")
+        if self.unlinked:
+            parts.append(f"{len(self.unlinked)} model metrics, inputs or aliases without their model (not "
+                         "in this sync)")
+        if self.aliases:
+            parts.append(f"{len(self.aliases)} aliases set")
         return f"{self.folder} -> {self.tracking_uri}: " + ", ".join(parts)
 
 
@@ -121,7 +137,13 @@ def _direct(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     return fn(*args, **kwargs)  # sync does not retry: a failure rolls the sync back
 
 
-def _import_models(client: Any, run_id: str, record: OfflineRecord, summary: SyncSummary) -> None:
+def offline_model_id(entry: dict[str, Any]) -> str:
+    """The offline id of a recorded model (its folder, models/<id>/, as log_model returned it)."""
+    return entry["weights"]["path"].split("/")[1]
+
+
+def _import_models(client: Any, run_id: str, record: OfflineRecord, summary: SyncSummary,
+                   models: dict[str, str]) -> None:
     for entry in record.models:
         try:
             model, request = load_offline_model(record.folder, entry)
@@ -134,14 +156,27 @@ def _import_models(client: Any, run_id: str, record: OfflineRecord, summary: Syn
             warnings.warn(f"sync: {label} was not logged: {exc}", stacklevel=3)
             summary.models_failed.append(f"{label}: {exc}")
             continue
+        models[offline_model_id(entry)] = result.model_id
         if result.registered_version:
             label += f" -> {request.registered_name} v{result.registered_version}"
         summary.models.append(label)
 
 
+def _metric(line: dict[str, Any], models: dict[str, str], summary: SyncSummary, record: OfflineRecord):
+    """An offline metric line as an MLflow Metric, its model link mapped to the synced model (a
+    model this sync did not import, e.g. one synced earlier, leaves the metric unlinked)."""
+    from mlflow.entities import Metric
+
+    model_id = line.get("model_id")
+    if model_id is not None and model_id not in models:
+        summary.unlinked.append(f"{line['key']} of run {record.run_id} (model {model_id})")
+    return Metric(line["key"], float(line["value"]), line["timestamp"], line["step"], model_id=models.get(model_id),
+                  dataset_name=line.get("dataset_name"), dataset_digest=line.get("dataset_digest"))
+
+
 def _import_run(client: Any, uri: str, record: OfflineRecord, parent: str | None, experiments: dict[str, str],
-                note: str | None, summary: SyncSummary) -> str:
-    from mlflow.entities import Metric, Param
+                note: str | None, summary: SyncSummary, mapping: dict[str, str], models: dict[str, str]) -> str:
+    from mlflow.entities import Param
 
     meta = record.meta
     name = meta["experiment"]
@@ -150,6 +185,10 @@ def _import_run(client: Any, uri: str, record: OfflineRecord, parent: str | None
     tags = dict(meta["tags"])
     tags[OFFLINE_ID_TAG] = record.run_id
     tags[IMPORTING_TAG] = json.dumps(process_identity(), sort_keys=True)
+    for keys, ids in ((RUN_LINK_TAGS, mapping), (MODEL_LINK_TAGS, models)):
+        for key in keys:
+            if tags.get(key) in ids:
+                tags[key] = ids[tags[key]]
     if parent:
         tags["mlflow.parentRunId"] = parent
     status, end_time = meta["status"], meta["end_time"]
@@ -161,8 +200,6 @@ def _import_run(client: Any, uri: str, record: OfflineRecord, parent: str | None
     try:
         log_in_batches(_direct, "log_params", client, run_id, "params",
                        [Param(k, v) for k, v in meta["params"].items()])
-        log_in_batches(_direct, "log_metrics", client, run_id, "metrics",
-                       [Metric(m["key"], float(m["value"]), m["timestamp"], m["step"]) for m in record.metrics])
         if meta["inputs"]:
             client.log_inputs(run_id, datasets=[dataset_input(item) for item in meta["inputs"]])
         for path in sorted(record.artifacts):
@@ -170,7 +207,23 @@ def _import_run(client: Any, uri: str, record: OfflineRecord, parent: str | None
         for image in record.images:
             client.log_image(run_id, load_image(record.folder / image["file"]), key=image["key"], step=image["step"],
                              timestamp=image["timestamp"], synchronous=True)
-        _import_models(client, run_id, record, summary)
+        _import_models(client, run_id, record, summary, models)
+        model_inputs = [models[m] for m in meta.get("model_inputs", []) if m in models]
+        summary.unlinked += [f"model input of run {record.run_id} (model {m})"
+                                     for m in meta.get("model_inputs", []) if m not in models]
+        if model_inputs:
+            from mlflow.entities import LoggedModelInput
+
+            client.log_inputs(run_id, models=[LoggedModelInput(m) for m in model_inputs])
+        for item in meta.get("aliases", []):
+            if item["model_id"] not in models:
+                summary.unlinked.append(f"alias {item['alias']} of run {record.run_id} "
+                                                f"(model {item['model_id']})")
+            elif label := set_alias(client, models[item["model_id"]], item["alias"], _direct):
+                summary.aliases.append(label)
+        # After the models: a metric of this run's own model links to it.
+        log_in_batches(_direct, "log_metrics", client, run_id, "metrics",
+                       [_metric(m, models, summary, record) for m in record.metrics])
         client.set_terminated(run_id, status, end_time=end_time)
         client.delete_tag(run_id, IMPORTING_TAG)
     except BaseException as exc:
@@ -234,6 +287,7 @@ def sync_runs(folder: str | Path, tracking_uri: str | None = None) -> SyncSummar
         summary.replaced_partial = [run_id for _, run_id, _ in redo]
 
     mapping = dict(present)
+    models: dict[str, str] = {}   # offline model id -> logged model id, filled as runs are imported
     experiments: dict[str, str] = {}
     created: list[str] = []
     current = None
@@ -244,7 +298,8 @@ def sync_runs(folder: str | Path, tracking_uri: str | None = None) -> SyncSummar
                 note = (f"recorded offline as {current.meta['status']}, but its process had ended (killed?); "
                         "imported as FAILED with its last record's time as end time")
             parent = current.meta.get("parent_run_id")
-            run_id = _import_run(client, uri, current, mapping.get(parent, parent), experiments, note, summary)
+            run_id = _import_run(client, uri, current, mapping.get(parent, parent), experiments, note, summary,
+                                 mapping, models)
             created.append(run_id)
             mapping[current.run_id] = run_id
             summary.imported[current.run_id] = run_id

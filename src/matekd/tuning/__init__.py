@@ -17,13 +17,14 @@ from __future__ import annotations
 
 from .recovery import fail_orphans
 from .space import apply_values, check_space, make_pruner, method_space, select_methods, unused_keys
-from .storage import StorageSpec, resolve_storage
+from .storage import StorageSpec, check_workers, resolve_storage
 from .study import MethodStudy, metrics_record, open_study, summarise, teacher_identity, tuned_meta
 from .trials import log_summary, read_records, records_folder, records_path, study_run
 from .workers import SignalsMemo, optimise, worker_devices
 
 __all__ = [
-    "MethodStudy", "SignalsMemo", "StorageSpec", "apply_values", "check_space", "fail_orphans", "log_summary",
+    "MethodStudy", "SignalsMemo", "StorageSpec", "apply_values", "check_space", "check_workers", "fail_orphans",
+    "log_summary",
     "make_pruner", "method_space", "metrics_record", "open_study", "optimise", "read_records", "records_folder",
     "records_path", "resolve_storage", "select_methods", "study_run", "summarise", "teacher_identity", "tuned_meta",
     "unused_keys", "worker_devices",

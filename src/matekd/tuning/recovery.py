@@ -11,15 +11,12 @@ does the same for workers on other machines once their heartbeat is GRACE_PERIOD
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 import warnings
-from pathlib import Path
 
 import optuna
 
-from ..tracking.context import pid_alive, process_start
+from ..tracking.context import host_identity, pid_alive, process_start
 
 TrialState = optuna.trial.TrialState
 MAX_RETRY = 1  # a killed trial is rerun once with the same parameters
@@ -31,24 +28,10 @@ ATTR_SESSION, ATTR_WORKER, ATTR_DEVICE = "matekd.session", "matekd.worker", "mat
 ATTR_DIVERGED, ATTR_ERROR = "matekd.diverged", "matekd.error"
 
 
-def this_host() -> str:
-    """Identity of the pid space this process lives in: host name, machine id and PID
-    namespace (two containers may share a host name while their pids mean different processes)."""
-    machine = ""
-    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
-        with contextlib.suppress(OSError):
-            machine = Path(path).read_text().strip()[:12]
-            break
-    namespace = ""
-    with contextlib.suppress(OSError):
-        namespace = os.readlink("/proc/self/ns/pid").removeprefix("pid:")
-    return "/".join(part for part in (socket.gethostname(), machine, namespace) if part)
-
-
 def claim(trial: optuna.Trial, session: str, worker: int, device: str) -> None:
     """Record which process runs `trial` (first thing a trial does: the orphan check reads it)."""
     pid = os.getpid()
-    trial.set_user_attr(ATTR_HOST, this_host())
+    trial.set_user_attr(ATTR_HOST, host_identity())
     trial.set_user_attr(ATTR_PID, pid)
     trial.set_user_attr(ATTR_PID_START, process_start(pid) or "")
     trial.set_user_attr(ATTR_SESSION, session)
@@ -85,7 +68,7 @@ def _process_gone(trial: optuna.trial.FrozenTrial, host: str, pids: set[int] | N
 def fail_orphans(study: optuna.Study, pids: set[int] | None = None) -> list[int]:
     """Mark FAIL, and retry, the RUNNING trials whose process on this host is gone (or, with
     `pids`, is one of these dead worker processes). Returns their numbers."""
-    host = this_host()
+    host = host_identity()
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not _process_gone(trial, host, pids):
@@ -100,7 +83,14 @@ def fail_orphans(study: optuna.Study, pids: set[int] | None = None) -> list[int]
 
 
 def fail_stale(study: optuna.Study) -> None:
-    """Local orphans now; remote ones once their heartbeat is older than the grace period."""
+    """Local orphans now; remote ones once their heartbeat is older than the grace period.
+
+    Called by a worker before it counts the study's trials to decide whether to start one.
+    `study.optimize` runs Optuna's `fail_stale_trials` too, but only when it starts a trial: a
+    dead remote worker's trial, still RUNNING, would be counted as running and could stop every
+    worker short of the target, so nothing would ever start the trial that fails it. The local
+    check (fail_orphans) is not Optuna's: it acts at once and also on journal files, which have
+    no heartbeat."""
     fail_orphans(study)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

@@ -2,7 +2,7 @@
 an Optuna storage.
 
 - a SQLite file (`*.db`, `*.sqlite`, `*.sqlite3`, or a `sqlite:///` URL); the default,
-  `tuning/optuna.db`, holds one study per method;
+  `tuning/optuna.db`, holds one study per method; one worker process only (check_workers);
 - a journal file (`*.log`, `*.jsonl`, `*.journal`, or `journal:PATH`): append-only, safe for
   several local processes, no database;
 - an RDB URL (`postgresql://user:password@host:port/db`, `mysql+pymysql://...`): several
@@ -30,7 +30,7 @@ from .recovery import retry_trial
 
 HEARTBEAT_INTERVAL_S = 20
 GRACE_PERIOD_S = 90
-SQLITE_TIMEOUT_S = 60  # several local workers share one SQLite file: wait for its lock
+SQLITE_TIMEOUT_S = 60  # `matekd tune` runs, the dashboard or a sync may share one SQLite file: wait for its lock
 JOURNAL_SUFFIXES = (".log", ".jsonl", ".journal")
 SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 
@@ -44,8 +44,7 @@ class StorageSpec:
     def open(self) -> optuna.storages.BaseStorage:
         """The Optuna storage; RDB storages get a heartbeat so that killed trials become FAIL."""
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)   # the heartbeat
             if self.kind == "journal":
                 Path(self.target).parent.mkdir(parents=True, exist_ok=True)
                 return optuna.storages.JournalStorage(JournalFileBackend(self.target))
@@ -73,6 +72,19 @@ class StorageSpec:
                 raise MatekdError(f"cannot open Optuna storage {self.shown}: {type(exc).__name__}: "
                                   f"{first_line}") from exc
         raise AssertionError("unreachable")
+
+
+def check_workers(spec: StorageSpec, workers: int) -> None:
+    """Refuse several worker processes on a SQLite file: Optuna's documentation advises against
+    SQLite for parallel optimisation (every write locks the whole file; concurrent workers end in
+    "database is locked" errors and lost heartbeats). A journal file does the same job for
+    processes of one machine, PostgreSQL for several machines."""
+    if workers > 1 and spec.kind == "sqlite":
+        journal = _shown_path(Path(spec.target.removeprefix("sqlite:///").split("?", 1)[0]).with_suffix(".log"))
+        raise ParamsError(f"--workers {workers} on the SQLite file {spec.shown}: Optuna advises against SQLite for "
+                          f"parallel workers. Use a journal file for processes on this machine (`matekd tune "
+                          f"--workers {workers} --storage {journal}`, or tune.storage: {journal}) or PostgreSQL "
+                          f"for several machines (--storage postgresql://user:password@host:5432/db)")
 
 
 def _lost_creation_race(exc: Exception) -> bool:

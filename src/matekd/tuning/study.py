@@ -141,7 +141,7 @@ def importances(study: optuna.Study, min_trials: int) -> tuple[dict[str, float],
         return {}, f"importances need at least {min_trials} completed trials; have {complete}"
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             values = optuna.importance.get_param_importances(study, evaluator=importance_evaluator())
     except (ValueError, RuntimeError, ZeroDivisionError) as exc:
         return {}, f"importances could not be computed ({exc})"

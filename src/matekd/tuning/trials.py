@@ -252,7 +252,7 @@ def study_figures(study: optuna.Study, with_importances: bool) -> Iterator[tuple
     for name, make in makers.items():
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # Optuna's experimental-feature warnings
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # its matplotlib plots
                 axes = make(study)
         except Exception as exc:  # a figure is a nicety: never fail the study for it
             warnings.warn(f"optuna {name} figure skipped ({exc})", stacklevel=2)
