@@ -22,9 +22,14 @@ import yaml
 from matekd import methods as method_table
 from matekd.commands import gpu_run
 from matekd.commands.pack import (
+    FILE_LIMIT,
+    GZIP_SLACK,
+    MAX_FILES,
     MIB,
+    TOTAL_LIMIT,
     Entry,
     PackError,
+    Unit,
     build_units,
     check_output_layout,
     manifest_text,
@@ -187,6 +192,104 @@ def test_output_layout_check(tmp_path):
         (tmp_path / f"f{k}").write_bytes(b"x")
     with pytest.raises(PackError, match="files \\(at most 8\\)"):
         check_output_layout(tmp_path)
+
+
+def _sized(path: Path, size: int) -> Path:
+    """A sparse file of `size` bytes: the limits are about bytes on the list, not disk blocks."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.truncate(size)
+    return path
+
+
+def test_pack_limits_are_the_device_limits():
+    """The device hands back at most 8 files of 16 MiB, 64 MiB together; every caller's default
+    is those numbers (a looser default would only show on the GPU machine, losing the run)."""
+    import inspect
+
+    assert (MAX_FILES, FILE_LIMIT, TOTAL_LIMIT) == (8, 16 * MIB, 64 * MIB)
+    for function in (pack_outputs, check_output_layout, gpu_run.run_gpu):
+        defaults = {k: p.default for k, p in inspect.signature(function).parameters.items()}
+        assert (defaults["max_files"], defaults["file_limit"], defaults["total_limit"]) == (8, 16 * MIB, 64 * MIB)
+    assert inspect.signature(check_output_layout).parameters["max_depth"].default == 2
+
+
+def test_output_layout_refuses_one_byte_over_the_default_limits(tmp_path):
+    ok = _sized(tmp_path / "ok" / "pack-1.tar.gz", FILE_LIMIT)
+    assert check_output_layout(ok.parent) == [ok]                       # exactly at the limit: fine
+    over = _sized(tmp_path / "over" / "pack-1.tar.gz", FILE_LIMIT + 1)
+    with pytest.raises(PackError, match="pack-1.tar.gz is 16.0 MiB \\(at most 16.0 MiB\\)"):
+        check_output_layout(over.parent)
+    # 64 MiB together is fine, one byte more is not (each file within its own limit)
+    total = tmp_path / "total"
+    files = [_sized(total / f"pack-{k}.tar.gz", FILE_LIMIT) for k in range(1, 5)]
+    assert check_output_layout(total) == files
+    _sized(total / "MANIFEST.txt", 1)
+    with pytest.raises(PackError, match="in all \\(at most 64.0 MiB\\)"):
+        check_output_layout(total)
+
+
+@pytest.mark.parametrize("limit", ["file", "total", "files", "depth"])
+def test_output_layout_refuses_one_over_each_small_limit(tmp_path, limit):
+    limits = {"max_files": 3, "file_limit": 100, "total_limit": 250, "max_depth": 1}
+    ok = tmp_path / "ok"
+    _sized(ok / "a", 100)
+    _sized(ok / "sub" / "b", 100)
+    _sized(ok / "c", 50)
+    check_output_layout(ok, **limits)                                   # every limit met exactly
+    over = tmp_path / "over"
+    if limit == "file":
+        _sized(over / "a", 101)
+        expected = "a is 0 KiB \\(at most 0 KiB\\)"
+    elif limit == "total":
+        _sized(over / "a", 100)
+        _sized(over / "b", 100)
+        _sized(over / "c", 51)
+        expected = "in all"
+    elif limit == "files":
+        for name in "abcd":
+            _sized(over / name, 1)
+        expected = "4 files \\(at most 3\\)"
+    else:
+        _sized(over / "sub" / "deeper" / "a", 1)
+        expected = "more than 1 folders deep"
+    with pytest.raises(PackError, match=expected) as err:
+        check_output_layout(over, **limits)
+    assert str(err.value).count(";") == 0                               # that limit alone was broken
+
+
+def test_packer_refuses_a_loose_file_one_byte_over_the_limit(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    entries = [Entry("reports/r.md", _file(src / "r", 1 * KIB, 1), 0, True, "reports")]
+    loose = _sized(out / "timings.json", 64 * KIB)
+    pack_outputs(entries, out, loose=[loose], max_files=3, file_limit=64 * KIB, total_limit=512 * KIB)
+    _sized(loose, 64 * KIB + 1)
+    with pytest.raises(PackError, match="timings.json is 64 KiB, over the 64 KiB file limit"):
+        pack_outputs(entries, out, loose=[loose], max_files=3, file_limit=64 * KIB, total_limit=512 * KIB)
+
+
+def test_plan_places_a_unit_of_exactly_the_capacity_and_refuses_one_byte_more(tmp_path):
+    source = _file(tmp_path / "w", 10, 1)
+
+    def unit(name: str, estimate: int, required: bool = True) -> Unit:
+        return Unit([Entry(name, source, 3, required, "student weights")], {}, estimate)
+
+    capacity = 64 * KIB - GZIP_SLACK                                    # the default room of a pack
+    plan = plan_packs([unit("a", capacity)], max_packs=1, file_limit=64 * KIB, total_limit=1024 * KIB)
+    assert [[u.arcname for u in b] for b in plan.bins] == [["a"]] and not plan.left_out
+    with pytest.raises(PackError, match="a \\(student weights, .*more than one file may hold"):
+        plan_packs([unit("a", capacity + 1)], max_packs=1, file_limit=64 * KIB, total_limit=1024 * KIB)
+    # the total counts every pack's gzip slack, also that of the pack a unit would open
+    total = 100 * KIB
+    fits = total - 2 * GZIP_SLACK - capacity
+    two = [unit("a", capacity), unit("b", fits)]
+    assert len(plan_packs(two, max_packs=2, file_limit=64 * KIB, total_limit=total).bins) == 2
+    one_more = [unit("a", capacity), unit("b", fits + 1, required=False)]
+    plan = plan_packs(one_more, max_packs=2, file_limit=64 * KIB, total_limit=total)
+    assert [i.arcname for i in plan.left_out] == ["b"] and plan.left_out[0].reason.startswith("no room")
+    assert "allowed in all" in plan.left_out[0].reason
+    with pytest.raises(PackError, match="cannot pack the required outputs within 1 file"):
+        plan_packs([unit("a", 10), unit("b", 10)], max_packs=1, file_limit=64 * KIB, total_limit=10 + GZIP_SLACK)
 
 
 # --------------------------------------------------------------------------------------
