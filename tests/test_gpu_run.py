@@ -356,10 +356,12 @@ def test_runner_stops_at_a_failing_smoke_pass(tmp_path):
 @pytest.mark.skipif(not ARCHIVE.is_file(), reason="needs the offline CIFAR-10 mirror")
 def test_runner_stops_at_the_time_limit_and_still_hands_back(tmp_path):
     # 32 s less the 30 s kept for packing: the stages are stopped 2 s in (during fetch/prepare).
+    blocker, blocked = import_blocker(tmp_path / "blocker")
     proc = subprocess.run([str(SCRIPT), str(BUDGET), str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"),
                            "--no-smoke", "--time-limit", "32", "-S", "device=cpu"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300,
-                          env=_script_env(MATEKD_CIFAR10=str(ARCHIVE), MATEKD_FROST=str(FROST)))
+                          env=_script_env(MATEKD_CIFAR10=str(ARCHIVE), MATEKD_FROST=str(FROST), PYTHONPATH=blocker))
+    _no_blocked_imports(blocked)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "the time limit ran out while running" in proc.stderr
     timings = json.loads((tmp_path / "out" / "timings.json").read_text())
@@ -367,6 +369,130 @@ def test_runner_stops_at_the_time_limit_and_still_hands_back(tmp_path):
     assert any(s["status"] == "stopped: time limit" for s in timings["stages"])
     manifest = (tmp_path / "out" / "MANIFEST.txt").read_text()
     assert "status: time limit" in manifest and "gpu-run/runner.log" in manifest
+
+
+# --------------------------------------------------------------------------------------
+# The GPUs' compute mode and free memory (pre-flight)
+
+NVIDIA_SMI = """0, NVIDIA H200, Default, 140123, 143771
+1, NVIDIA H200, Exclusive_Process, 2000, 143771
+2, NVIDIA H200, Default, [N/A], [N/A]
+"""
+
+
+def test_gpu_states_are_read_from_nvidia_smi():
+    from matekd.commands.gpu_run.machine import GpuState, parse_gpu_states
+
+    states = parse_gpu_states(NVIDIA_SMI + "\nWARNING: infoROM is corrupted at gpu 0000:00:00.0\n")
+    assert states == [GpuState("0", "NVIDIA H200", "Default", 140123, 143771),
+                      GpuState("1", "NVIDIA H200", "Exclusive_Process", 2000, 143771),
+                      GpuState("2", "NVIDIA H200", "Default", None, None)]
+    assert states[0].line() == "GPU 0 (NVIDIA H200): compute mode Default, 140,123 MiB free of 143,771 MiB"
+    assert states[2].line().endswith("free memory unknown")
+
+
+def test_preflight_checks_compute_mode_and_free_memory():
+    from matekd.commands.gpu_run.machine import parse_gpu_states
+    from matekd.commands.gpu_run.preflight import check_gpus
+
+    states = parse_gpu_states(NVIDIA_SMI)
+    assert check_gpus("cpu", states) == ([], False)           # the CPU: nothing asked, nothing said
+    lines, one_at_a_time = check_gpus("auto", states[:1])
+    assert lines == [states[0].line()] and not one_at_a_time
+    lines, one_at_a_time = check_gpus("cuda", states)
+    assert one_at_a_time and any("run one at a time" in line for line in lines)
+    assert any(line.startswith("warning: GPU 1: 141,771 MiB already in use") for line in lines)
+    assert not any("GPU 0:" in line and "warning" in line for line in lines)
+    assert check_gpus("cuda", states, visible="0,2")[1] is False   # the exclusive GPU is hidden
+    assert check_gpus("cuda", None) == (["GPUs: nvidia-smi not available; compute mode and free memory unknown"],
+                                        False)
+    assert "on the CPU" in check_gpus("auto", [])[0][0]
+    with pytest.raises(MatekdError, match="lists no GPU"):
+        check_gpus("cuda", [])
+    prohibited = parse_gpu_states("0, NVIDIA H200, Prohibited, 140000, 143771\n")
+    with pytest.raises(MatekdError, match="GPU 0 is in compute mode Prohibited"):
+        check_gpus("auto", prohibited)
+
+
+class _RecordingRunner:
+    """Stands in for StageRunner: records which stages were started together."""
+
+    def __init__(self):
+        self.batches: list[tuple[str, list[str]]] = []
+
+    def run_all(self, phase, commands, cwd, envs):
+        self.batches.append((phase, [name for name, _ in commands]))
+
+    def wait(self, *jobs):
+        pass
+
+
+@pytest.mark.parametrize("one_at_a_time", [False, True])
+def test_an_exclusive_gpu_runs_the_teachers_and_caches_one_at_a_time(tmp_path, one_at_a_time):
+    from matekd.commands.gpu_run.plan import Project, run_pipeline
+
+    params = SimpleNamespace(device="cuda", teachers={"a": None, "b": None}, ablation=SimpleNamespace(methods=["ce"]))
+    project = Project(tmp_path, params, {"CUDA_VISIBLE_DEVICES": "0"}, one_at_a_time)
+    runner = _RecordingRunner()
+    run_pipeline(runner, project, [], corrupt=None)
+    teachers = [names for phase, names in runner.batches if phase == "teachers"]
+    caches = [names for phase, names in runner.batches if phase == "caches"]
+    if one_at_a_time:
+        assert teachers == [["train-teacher a"], ["train-teacher b"]] and caches == [["cache a"], ["cache b"]]
+    else:
+        assert teachers == [["train-teacher a", "train-teacher b"]] and caches == [["cache a", "cache b"]]
+    assert [p for p, _ in runner.batches][-4:] == ["ablation", "evaluate", "report", "bench"]
+
+
+# --------------------------------------------------------------------------------------
+# The runner on the device image: no mlflow, dvc or optuna
+
+BLOCKED_PACKAGES = ("mlflow", "dvc", "optuna")
+IMPORT_BLOCKER = """
+# Test-only: every Python process started with this folder on PYTHONPATH runs this first. An
+# import of mlflow, dvc or optuna fails as on the GPU machine, and is logged, so that an import
+# that a try/except would swallow is still seen.
+import os
+import sys
+
+BLOCKED = {blocked!r}
+
+
+class _Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in BLOCKED:
+            with open({log!r}, "a") as handle:
+                handle.write(f"{{name}} imported by {{' '.join(sys.argv)}}\\n")
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked: the GPU machine has none)", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _Blocker())
+"""
+
+
+def import_blocker(folder: Path) -> tuple[str, Path]:
+    """(a PYTHONPATH entry whose sitecustomize blocks mlflow, dvc and optuna, the log of tries)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "blocked-imports.log"
+    (folder / "sitecustomize.py").write_text(IMPORT_BLOCKER.format(blocked=BLOCKED_PACKAGES, log=str(log)))
+    return str(folder), log
+
+
+def test_the_import_blocker_blocks(tmp_path):
+    """The blocker itself: without this check a broken blocker would let every runner test pass."""
+    path, log = import_blocker(tmp_path / "blocker")
+    for name in [*BLOCKED_PACKAGES, "dvc.repo"]:
+        proc = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": path})
+        assert proc.returncode == 1 and "blocked: the GPU machine has none" in proc.stderr, name
+    assert log.read_text().count("imported by") == 4
+    ok = subprocess.run([sys.executable, "-c", "import yaml"], env={**os.environ, "PYTHONPATH": path})
+    assert ok.returncode == 0
+
+
+def _no_blocked_imports(log: Path) -> None:
+    assert not log.exists(), f"the GPU path imported what the GPU machine lacks:\n{log.read_text()}"
 
 
 CPU_OVERRIDES = [
@@ -382,13 +508,15 @@ CPU_OVERRIDES = [
 @pytest.mark.skipif(not ARCHIVE.is_file() or not FROST.is_dir(), reason="needs the offline CIFAR-10 mirror and frost")
 def test_runner_on_cpu_packs_everything_within_the_limits(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
+    blocker, blocked = import_blocker(tmp_path / "blocker")       # the device image: no mlflow, dvc, optuna
     command = [str(SCRIPT), str(BUDGET), str(out), "--work-dir", str(work), "--no-smoke",
                "--bench-batch-size", "8", "--bench-repeats", "1", "--bench-warmup", "1", "--bench-together", "2"]
     for pair in CPU_OVERRIDES:
         command += ["-S", pair]
     proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                          env=_script_env(MATEKD_CIFAR10=str(ARCHIVE), MATEKD_FROST=str(FROST)))
+                          env=_script_env(MATEKD_CIFAR10=str(ARCHIVE), MATEKD_FROST=str(FROST), PYTHONPATH=blocker))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    _no_blocked_imports(blocked)
     files = check_output_layout(out)                    # <= 8 files, <= 16 MiB, <= 64 MiB, <= 2 deep
     names = sorted(p.name for p in files)
     packs = [p for p in files if p.name.startswith("pack-")]

@@ -27,6 +27,7 @@ class Project:
     folder: Path
     params: Any
     env: dict[str, str]
+    one_at_a_time: bool = False      # an exclusive compute mode: one process per GPU (preflight.check_gpus)
 
 
 @dataclass
@@ -123,15 +124,21 @@ def run_pipeline(runner: StageRunner, project: Project, bench_args: Sequence[str
     """The stages after prepare, in order; evaluate waits for `corrupt` (started in the
     background when prepare ended). `phase` names each phase (the smoke pass: all `smoke`)."""
 
-    def together(name: str, commands: list[tuple[str, list[str]]], envs: list[dict[str, str]] | None = None) -> None:
-        runner.run_all(phase(name), commands, project.folder, envs or [project.env] * len(commands))
+    def together(name: str, commands: list[tuple[str, list[str]]], envs: list[dict[str, str]] | None = None,
+                 gpu: bool = False) -> None:
+        envs = envs or [project.env] * len(commands)
+        if gpu and project.one_at_a_time:
+            for command, env in zip(commands, envs, strict=True):
+                runner.run_all(phase(name), [command], project.folder, [env])
+            return
+        runner.run_all(phase(name), commands, project.folder, envs)
 
     params = project.params
     slots = gpu_slots(params.device, project.env)
     teachers = list(params.teachers)
     pinned = [_pinned(project.env, slots[k % len(slots)]) for k in range(len(teachers))]
-    together("teachers", [(f"train-teacher {t}", ["train-teacher", t]) for t in teachers], pinned)
-    together("caches", [(f"cache {t}", ["cache", t]) for t in teachers], pinned)
+    together("teachers", [(f"train-teacher {t}", ["train-teacher", t]) for t in teachers], pinned, gpu=True)
+    together("caches", [(f"cache {t}", ["cache", t]) for t in teachers], pinned, gpu=True)
     together("method-inputs", [(f"method-inputs {m}", ["method-inputs", m]) for m in params.ablation.methods])
     together("ablation", [("ablation", ["ablation"])])
     runner.wait(corrupt)
