@@ -29,7 +29,7 @@ from .attribution import model_cam
 from .augment import shift_maps, to_device_tensor, variant_index
 from .cache import load_cache
 from .data.prepared import Prepared
-from .distill import WeightingInputs, effective_tau, loss_terms, weigh, weight_statistics
+from .distill import WeightingInputs, effective_tau, histogram_edges, loss_terms, weigh, weight_statistics
 from .errors import CacheError, ParamsError
 from .methods import Method
 from .models import build_model
@@ -473,11 +473,8 @@ class StudentRun:
 
 
 def histogram_figure(counts: Tensor, names: Sequence[str], epoch: int, method: str):
-    import numpy as np
-
     plt = pyplot()
-    bins = counts.shape[-1]
-    edges = np.linspace(0, 1, bins + 1)
+    edges = histogram_edges(counts.shape[-1]).numpy()
     fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
     for j, name in enumerate(names):
         ax.stairs(counts[j].cpu().numpy(), edges, label=name)
@@ -485,6 +482,17 @@ def histogram_figure(counts: Tensor, names: Sequence[str], epoch: int, method: s
     ax.legend(fontsize=7, loc="upper right", framealpha=0.8)
     fig.tight_layout()
     return fig
+
+
+def log_histogram_figures(run: RunLike, history: Sequence[dict], names: Sequence[str], method: str) -> None:
+    """Log each epoch's teacher-weight histogram figure of one student (`history`: its entries
+    {epoch, bins, counts: {teacher: [...]}}) as image `teacher_weights` at step epoch - 1."""
+    if not getattr(run, "active", False):
+        return
+    for entry in history:
+        counts = torch.tensor([entry["counts"][n] for n in names])
+        figure = histogram_figure(counts, names, entry["epoch"], method)
+        run.log_image(figure_to_array(figure), key="teacher_weights", step=entry["epoch"] - 1)
 
 
 def group_digest(params: Params, specs: Sequence[StudentSpec], data_hash: str) -> str:
@@ -539,9 +547,8 @@ def train_students(params: Params, specs: Sequence[StudentSpec], data: Prepared,
                 histograms[slot].append(entry)
                 run = runs[slot]
                 if getattr(run, "active", False):
-                    run.log_image(figure_to_array(histogram_figure(counts[:, j], part.teacher_names, epoch,
-                                                                   part.method.name)),
-                                  key="teacher_weights", step=epoch - 1)
+                    # The counts now (a small JSON); the figure after training (log_histogram_figures):
+                    # drawing it here, about 0.1 s per student, would keep the device idle every epoch.
                     run.log_dict(entry, f"histograms/teacher_weights_epoch{epoch:03d}.json")
         if epoch_hook is not None:
             epoch_hook(epoch, records)
@@ -558,6 +565,9 @@ def train_students(params: Params, specs: Sequence[StudentSpec], data: Prepared,
                   test_labels=device_labels(data.test_labels, device) if with_test else None,
                   epoch_hook=on_epoch, predict=lambda x, bs: group_predict(group, x, bs, device),
                   slot_terms=[term_names(s.method, spec_teachers(s, params)) for s in specs], progress=progress)
+    for part in parts:
+        for slot in part.slots:
+            log_histogram_figures(runs[slot], histograms[slot], part.teacher_names, part.method.name)
     out = []
     for spec, state, result, hist in zip(specs, group.student_state_dicts(), results, histograms):
         model = build_model(spec.distill.student)
