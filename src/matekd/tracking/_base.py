@@ -3,12 +3,15 @@ errors of the tracking package. Nothing here imports mlflow."""
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 import os
 import re
 import time
 import warnings
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 from ..errors import MatekdError, TrackingError
@@ -68,15 +71,24 @@ def retry(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
         return False
 
 
+@functools.cache
+def optional_module(name: str) -> ModuleType | None:
+    """Module `name` of an optional package (mlflow), or None where it is not installed (the GPU
+    machine). Tried once per process: Python does not remember a failed import, and the callers
+    run for every logged key."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
 def name_problem(kind: str, name: Any) -> str | None:
     """Why MLflow would refuse `name` as a metric, param or tag key (None when it is valid).
     Uses MLflow's own validators when mlflow is installed, else the same rules."""
     if not isinstance(name, str) or not name:
         return f"{kind} key {name!r} is not a non-empty string"
-    try:
-        from mlflow.exceptions import MlflowException
-        from mlflow.utils import validation
-    except ImportError:
+    validation = optional_module("mlflow.utils.validation")
+    if validation is None:
         import posixpath
 
         if not re.match(r"^[/\w.\- :]*$", name):
@@ -90,7 +102,7 @@ def name_problem(kind: str, name: Any) -> str | None:
                  "tag": validation._validate_tag_name}[kind]
         try:
             check(name)
-        except MlflowException as exc:
+        except optional_module("mlflow.exceptions").MlflowException as exc:
             return f"{kind} key {name!r}: {exc.message}"
     if len(name) > MAX_KEY_LENGTH:
         return f"{kind} key {name[:40]!r}... is longer than {MAX_KEY_LENGTH} characters"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from ._base import optional_module
 from .roots import workspace_root
 
 # Environment variables DVC sets for a stage command (dvc.env; DVC_EXP_* only under `dvc exp run`).
@@ -63,10 +64,7 @@ def _strip_credentials(url: str) -> str:
 def _git_source(root: Path) -> dict[str, str | None]:
     """Commit, branch and remote URL, by MLflow's own helpers (GitPython) when mlflow is
     installed, else by the git command line."""
-    try:
-        from mlflow.utils import git_utils
-    except ImportError:
-        git_utils = None
+    git_utils = optional_module("mlflow.utils.git_utils")
     if git_utils is not None:
         return {"mlflow.source.git.commit": git_utils.get_git_commit(str(root)),
                 "mlflow.source.git.branch": git_utils.get_git_branch(str(root)),
@@ -88,17 +86,16 @@ def source_tags(stage: str, root: Path, git: dict[str, str]) -> dict[str, str]:
     plugin providers), source name `matekd <stage>`, and the git commit/branch/URL/dirty flag of
     the workspace. MLflow's own git provider is left out: it looks at sys.argv[0] (the console
     script inside .venv, or pytest), not at the checkout that runs."""
-    try:
-        from mlflow.tracking.context.git_context import GitRunContext
-        from mlflow.tracking.context.registry import resolve_tags
-    except ImportError:  # offline on a machine without mlflow: the same tags by hand
+    git_context = optional_module("mlflow.tracking.context.git_context")
+    registry = optional_module("mlflow.tracking.context.registry")
+    if git_context is None or registry is None:  # offline on a machine without mlflow: the same tags by hand
         try:
             user = getpass.getuser()
         except Exception:
             user = "unknown"
         tags: dict[str, Any] = {"mlflow.user": user, "mlflow.source.type": "LOCAL"}
     else:
-        tags = dict(resolve_tags(ignore=[GitRunContext]))
+        tags = dict(registry.resolve_tags(ignore=[git_context.GitRunContext]))
     tags["mlflow.source.name"] = f"matekd {stage}"
     tags.update({key: value for key, value in _git_source(root).items() if value})
     if "mlflow.source.git.commit" not in tags and git.get("git_commit", "unknown") != "unknown":
