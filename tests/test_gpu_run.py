@@ -375,6 +375,54 @@ def test_runner_stops_at_the_time_limit_and_still_hands_back(tmp_path):
 
 
 # --------------------------------------------------------------------------------------
+# The results table of a run cut short
+
+
+def _json(path: Path, content: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(content))
+
+
+def test_results_table_of_a_cut_run_shows_every_finished_number(tmp_path):
+    """Evaluated models from metrics/eval-partial/ (evaluate was stopped), the others with their
+    training-time test accuracy (marked *), the untrained left blank; the lines below say so."""
+    from matekd.commands.gpu_run.results import results_table
+
+    recipe = {"epochs": 1, "batch_size": 16, "lr": 0.05}
+    params = load_params(BUDGET, {"teachers": {"resnet20": recipe, "resnet56": recipe},
+                                  "distill.kd_teacher": "resnet20", "ablation.methods": ["ce", "kd"],
+                                  "ablation.seeds": [0, 1]})
+    label = {"dataset": "CIFAR-10 (JPEG q75 mirror)", "corruption_dataset": "CIFAR-10-C (regenerated, seed 0)"}
+    for seed, (acc, c) in enumerate([(0.80, 0.60), (0.84, 0.64)]):
+        _json(tmp_path / "metrics" / "eval-partial" / f"student-ce-seed{seed}.json",
+              {"model": f"student-ce-seed{seed}", "test_acc": acc, "cifar10c": {"standard_mean": c}, **label})
+        _json(tmp_path / "metrics" / "student" / f"ce-seed{seed}.json", {"test_acc": 0.5})   # evaluate's wins
+    _json(tmp_path / "metrics" / "student" / "kd-seed0.json", {"test_acc": 0.70})          # kd-seed1: not trained
+    _json(tmp_path / "metrics" / "teachers" / "resnet20.json", {"test_acc": 0.90})
+    _json(tmp_path / "metrics" / "teachers" / "resnet56.json", {"test_acc": 0.92})
+    _json(tmp_path / "metrics" / "eval-partial" / "resnet56.json",
+          {"model": "resnet56", "test_acc": 0.93, "cifar10c": {"standard_mean": 0.70}, **label})
+    table = results_table(tmp_path, params, stopped="the time limit ran out while running evaluate: evaluate")
+    rows = {line.split("  ")[0].strip(): line.split() for line in table.splitlines()[3:] if "  " in line}
+    assert rows["resnet20 (teacher)"][-2:] == ["90.00*", "-"]
+    assert rows["resnet56 (teacher)"][-2:] == ["93.00", "70.00"]
+    assert " ".join(rows["ce"][1:]) == "2/2 82.00 ± 2.83 62.00 ± 2.83"
+    assert " ".join(rows["kd"][1:]) == "1/2 70.00* -"
+    assert table.splitlines()[0].startswith("Results (budget; CIFAR-10 (JPEG q75 mirror); CIFAR-10-C (regenerated")
+    cut = [line for line in table.splitlines() if line.startswith("Cut:")]
+    assert cut == ["Cut: the run stopped early (the time limit ran out while running evaluate: evaluate)",
+                   "Cut: not evaluated (2 of 6 models; no CIFAR-10-C, CIFAR-10 * = test accuracy at the end of "
+                   "training): resnet20, student-kd-seed0",
+                   "Cut: not trained (1 of 6 models; no number): student-kd-seed1"]
+    # metrics/eval (a finished evaluate) is read before eval-partial; a whole run says nothing was cut
+    for name, acc in (("resnet20", 0.91), ("resnet56", 0.93), ("student-kd-seed0", 0.7), ("student-kd-seed1", 0.72)):
+        _json(tmp_path / "metrics" / "eval" / f"{name}.json",
+              {"model": name, "test_acc": acc, "cifar10c": {"standard_mean": 0.5}, **label})
+    table = results_table(tmp_path, params)
+    assert "Cut" not in table and "*" not in table and "91.00" in table
+
+
+# --------------------------------------------------------------------------------------
 # The GPUs' compute mode and free memory (pre-flight)
 
 NVIDIA_SMI = """0, NVIDIA H200, Default, 140123, 143771

@@ -4,11 +4,17 @@ Models: every teacher of params.teachers and every student found under
 models/student/*.safetensors. Outputs (the whole metrics/eval folder is replaced at once):
 `metrics/eval/<model>.json` per model (teacher `<name>`, student `student-<output-name>`),
 `metrics/eval/gradcam-<student>.json` and `.png` per student.
+
+While it runs, each model's `<model>.json` is also written to metrics/eval-partial/ as soon as
+that model is done, the students first (evaluated together: one fused network on a GPU), then
+each teacher: a run stopped part-way (the GPU runner's time limit) keeps every finished
+number. The folder is removed once metrics/eval is in place.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -37,7 +43,7 @@ from ..evaluation import (
 )
 from ..models import count_parameters, model_size_mb
 from ..params import Params, flatten
-from ..paths import EVAL_DIR, SUMMARY_METRICS
+from ..paths import EVAL_DIR, EVAL_PARTIAL_DIR, SUMMARY_METRICS
 from ..plotting import png_bytes
 from ..precision import active_precision
 from ..storage import atomic_dir, write_json
@@ -83,9 +89,7 @@ def run_evaluate(params: Params, prepared_dir: str | Path = "prepared", corrupte
         for path in student_files:
             name = f"student-{path.stem}"
             students[name], student_meta[name] = load_student(path, params.distill.student, device)
-        models = {**teachers, **students}
         test_x = to_device_tensor(data.test_images, device)
-        table = corruption_table(models, corrupted, c_labels, cfg.batch_size, device, progress)
         common = {"dataset": data_label, "corruption_dataset": c_label, "profile": params.profile,
                   "test_images": int(data.test_labels.shape[0]), "class_names": list(data.class_names),
                   "dataset_sha256": data.manifest_hash, "cifar10c_manifest_sha256": c_hash,
@@ -94,22 +98,27 @@ def run_evaluate(params: Params, prepared_dir: str | Path = "prepared", corrupte
                   "cifar10c_matches_prepared": c_matches,
                   "device": device_name(device), "precision": active_precision(device),
                   "params_sha256": params.digest()}
-        for name, model in models.items():
-            clean = evaluate_clean(model, test_x, data.test_labels, cfg.batch_size, device, num_classes)
-            summary = summarise_corruption(table[name])
-            entry: dict[str, Any] = {
-                "model": name, "kind": "teacher" if name in teachers else "student",
-                "architecture": student_meta.get(name, {}).get("architecture", name),
-                "params": count_parameters(model), "size_mb": model_size_mb(model),
-                "test_acc": clean["accuracy"],
-                "per_class_accuracy": dict(zip(data.class_names, clean["per_class_accuracy"].tolist())),
-                "confusion_matrix": clean["confusion_matrix"].tolist(),
-                "cifar10c": {"accuracy": table[name], **summary}, **common}
-            if name in students:
-                meta = student_meta[name]
-                entry.update({"output": name.removeprefix("student-"), "method": meta.get("method"),
-                              "seed": int(meta["seed"]) if str(meta.get("seed", "")).isdigit() else None})
-            results[name] = to_json_safe(entry)
+        partial = root / EVAL_PARTIAL_DIR
+        shutil.rmtree(partial, ignore_errors=True)        # an earlier cut's: not these models' numbers
+        for batch in evaluation_batches(teachers, students):
+            table = corruption_table(batch, corrupted, c_labels, cfg.batch_size, device, progress)
+            for name, model in batch.items():
+                clean = evaluate_clean(model, test_x, data.test_labels, cfg.batch_size, device, num_classes)
+                entry: dict[str, Any] = {
+                    "model": name, "kind": "teacher" if name in teachers else "student",
+                    "architecture": student_meta.get(name, {}).get("architecture", name),
+                    "params": count_parameters(model), "size_mb": model_size_mb(model),
+                    "test_acc": clean["accuracy"],
+                    "per_class_accuracy": dict(zip(data.class_names, clean["per_class_accuracy"].tolist())),
+                    "confusion_matrix": clean["confusion_matrix"].tolist(),
+                    "cifar10c": {"accuracy": table[name], **summarise_corruption(table[name])}, **common}
+                if name in students:
+                    meta = student_meta[name]
+                    entry.update({"output": name.removeprefix("student-"), "method": meta.get("method"),
+                                  "seed": int(meta["seed"]) if str(meta.get("seed", "")).isdigit() else None})
+                results[name] = to_json_safe(entry)
+                write_json(partial / f"{name}.json", results[name])
+        results = {name: results[name] for name in [*teachers, *students]}   # the order of the outputs
         gradcam = _gradcam_analysis(params, data, teachers, students, device, tau)
         with atomic_dir(root / EVAL_DIR) as tmp:
             for name, entry in results.items():
@@ -118,11 +127,19 @@ def run_evaluate(params: Params, prepared_dir: str | Path = "prepared", corrupte
                 write_json(tmp / f"gradcam-{name}.json", summary)
                 (tmp / f"gradcam-{name}.png").write_bytes(png)
         write_summary(root / SUMMARY_METRICS, results)
+        shutil.rmtree(partial, ignore_errors=True)        # metrics/eval holds all of it now
         gradcam_summaries = {n: g for n, (g, _) in gradcam.items()}
         metrics = {name: model_metrics(entry, gradcam_summaries.get(name)) for name, entry in results.items()}
         _log(ctx.run, root / EVAL_DIR, metrics)
         _log_per_model(params, ctx.run, results, metrics, student_meta)
     return results
+
+
+def evaluation_batches(teachers: dict[str, nn.Module], students: dict[str, nn.Module]) -> list[dict[str, nn.Module]]:
+    """The models in the order they are evaluated, each batch finished (and written) before the
+    next starts: all students together (the many numbers a cut would cost most, and on a GPU one
+    fused network), then each teacher alone."""
+    return ([students] if students else []) + [{name: model} for name, model in teachers.items()]
 
 
 def summary_metrics(results: dict[str, dict]) -> dict[str, dict[str, float]]:

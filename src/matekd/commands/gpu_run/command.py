@@ -96,7 +96,7 @@ def run_gpu(profile: str | os.PathLike = DEFAULT_PROFILE, output: str | os.PathL
     status, error = _run_stages(runner, main, smoke_project if smoke else None, bench or BenchOptions())
     timings.update(status=status, error=error,
                    **measurements(main.folder, params, paper, phase_times(runner.timings)))
-    table = results_table(main.folder, params)
+    table = results_table(main.folder, params, stopped=error)
     save_timings()
     write_text(record / RESULTS, table)
     write_text(output / RESULTS, table)
