@@ -532,11 +532,12 @@ sys.meta_path.insert(0, _Blocker())
 """
 
 
-def import_blocker(folder: Path) -> tuple[str, Path]:
-    """(a PYTHONPATH entry whose sitecustomize blocks mlflow, dvc and optuna, the log of tries)."""
+def import_blocker(folder: Path, extra: str = "") -> tuple[str, Path]:
+    """(a PYTHONPATH entry whose sitecustomize blocks mlflow, dvc and optuna, the log of tries);
+    `extra` is more code for that sitecustomize (a process reads only one)."""
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "blocked-imports.log"
-    (folder / "sitecustomize.py").write_text(IMPORT_BLOCKER.format(blocked=BLOCKED_PACKAGES, log=str(log)))
+    (folder / "sitecustomize.py").write_text(IMPORT_BLOCKER.format(blocked=BLOCKED_PACKAGES, log=str(log)) + extra)
     return str(folder), log
 
 
@@ -636,6 +637,113 @@ def test_runner_on_cpu_packs_everything_within_the_limits(tmp_path):
 
     runs = read_folder(unpacked / "mlruns-offline")          # complete runs: sync-runs can import them
     assert {r.meta["run_name"].split(" ")[0] for r in runs.values()} >= {"teacher", "ablation", "evaluate"}
+
+
+# Test-only, appended to the blocker's sitecustomize: the time limit falls inside evaluate, after
+# the students were evaluated and while the first teacher is. The evaluate process waits there
+# (its second corruption_table call), and the runner process, once the students' results are in
+# metrics/eval-partial/, finds its deadline passed: the runner's own time-limit path, at a
+# moment a wall-clock limit on a shared CPU could not pick.
+CUT_INSIDE_EVALUATE = """
+
+import importlib.util
+import time
+
+
+def _after_import(name, patch):
+    class _Finder:
+        def find_spec(self, fullname, path=None, target=None):
+            if fullname != name:
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(fullname)
+            run = spec.loader.exec_module
+
+            def exec_module(module):
+                run(module)
+                patch(module)
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, _Finder())
+
+
+def _wait_at_the_first_teacher(module):
+    table, calls = module.corruption_table, []
+
+    def corruption_table(models, *args, **kwargs):
+        calls.append(list(models))
+        if len(calls) == 2:
+            time.sleep(3600)      # stopped by the runner
+        return table(models, *args, **kwargs)
+
+    module.corruption_table = corruption_table
+
+
+def _deadline_once_students_are_evaluated(module):
+    poll = module.StageRunner.poll
+
+    def patched(self):
+        poll(self)
+        partial = os.path.join(os.environ["CUT_PROJECT"], "metrics", "eval-partial")
+        evaluate = [job for job in self.running if job.name == "evaluate"]
+        done = os.path.isdir(partial) and any(name.startswith("student-") for name in os.listdir(partial))
+        # (or after 5 minutes of evaluate: without per-model results the test fails, not hangs)
+        if evaluate and (done or self.elapsed() - evaluate[0].started > 300):
+            self.deadline = time.monotonic() - 1
+
+    module.StageRunner.poll = patched
+
+
+_after_import("matekd.stages.evaluate", _wait_at_the_first_teacher)
+_after_import("matekd.commands.gpu_run.runner", _deadline_once_students_are_evaluated)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ARCHIVE.is_file() or not FROST.is_dir(), reason="needs the offline CIFAR-10 mirror and frost")
+def test_runner_stopped_inside_evaluate_packs_every_finished_number(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    blocker, blocked = import_blocker(tmp_path / "blocker", CUT_INSIDE_EVALUATE)
+    command = [str(SCRIPT), str(BUDGET), str(out), "--work-dir", str(work), "--no-smoke", "--time-limit", "3600"]
+    for pair in CPU_OVERRIDES:
+        command += ["-S", pair]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                          env=_script_env(MATEKD_CIFAR10=str(ARCHIVE), MATEKD_FROST=str(FROST), PYTHONPATH=blocker,
+                                          CUT_PROJECT=str(work / "main")))
+    assert proc.returncode == 2, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "the time limit ran out while running evaluate" in proc.stderr
+    _no_blocked_imports(blocked)
+    check_output_layout(out)
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings["status"] == "time limit"
+    assert [s["status"] for s in timings["stages"] if s["phase"] == "evaluate"] == ["stopped: time limit"]
+    assert not {"report", "bench"} & set(timings["phases"])
+
+    # The table: the students' CIFAR-10 and CIFAR-10-C (evaluated before the cut), the teachers'
+    # training-time test accuracy (marked *), and what was cut.
+    table = (out / "results.txt").read_text()
+    assert proc.stdout.rstrip().endswith(table.rstrip())          # printed last, as results.txt
+    rows = {line.split("  ")[0].strip(): line.split() for line in table.splitlines()[3:] if "  " in line}
+    for teacher in ("resnet20", "resnet56"):
+        test_acc, c_acc = rows[f"{teacher} (teacher)"][-2:]
+        assert test_acc.endswith("*") and 0 <= float(test_acc[:-1]) <= 100 and c_acc == "-"
+    for method in method_table.METHODS:
+        seeds, test_acc, c_acc = rows[method][1:]
+        assert seeds == "1/1" and 0 <= float(test_acc) <= 100 and 0 <= float(c_acc) <= 100, rows[method]
+    assert "Cut: the run stopped early (the time limit ran out while running evaluate" in table
+    assert "Cut: not evaluated (2 of 8 models; no CIFAR-10-C, CIFAR-10 * = test accuracy at the end of " \
+           "training): resnet20, resnet56" in table
+
+    # The per-model results that table was made of came back in the packs.
+    unpacked = tmp_path / "unpacked"
+    for pack in out.glob("pack-*.tar.gz"):
+        with tarfile.open(pack) as tar:
+            tar.extractall(unpacked, filter="data")
+    partial = sorted(p.name for p in (unpacked / "metrics" / "eval-partial").iterdir())
+    assert partial == sorted(f"student-{m}-seed0.json" for m in method_table.METHODS)
+    assert not (unpacked / "metrics" / "eval").exists()
 
 
 def test_paper_extrapolation_is_measured_seconds_per_epoch_times_paper_epochs(tmp_path):
