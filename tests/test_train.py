@@ -166,3 +166,15 @@ def test_sgd_uses_multi_tensor_kernels_with_the_same_numbers():
     cuda = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float32)
     assert optimizer_kernels([cuda, cuda]) == {"fused": True}
     assert optimizer_kernels([cuda, torch.zeros(1)]) == {"foreach": True}   # mixed devices: no fused kernel
+
+
+def test_term_sums_add_every_term_weighted_by_batch_size():
+    from matekd.train import TermSums
+
+    sums = TermSums()
+    first = sums.add({"loss": torch.tensor([1.0, 2.0]), "ce": torch.tensor([0.5, 0.25])}, 4)
+    assert first.tolist() == [[1.0, 2.0], [0.5, 0.25]]
+    sums.add({"loss": torch.tensor([3.0, 1.0]), "ce": torch.tensor([1.0, 1.0])}, 2)
+    assert sums.keys == ["loss", "ce"] and sums.total.tolist() == [[10.0, 10.0], [4.0, 3.0]]
+    sums.add({"ce": torch.tensor([1.0, 0.0]), "kd": torch.tensor([2.0, 2.0])}, 1)   # another set: by name
+    assert sums.keys == ["loss", "ce", "kd"] and sums.total.tolist() == [[10.0, 10.0], [5.0, 3.0], [2.0, 2.0]]
