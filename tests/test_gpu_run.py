@@ -496,6 +496,80 @@ def test_an_exclusive_gpu_runs_the_teachers_and_caches_one_at_a_time(tmp_path, o
 
 
 # --------------------------------------------------------------------------------------
+# The plan: the smoke pass beside the run, fail fast
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# Stands in for `python -m matekd.cli <stage> ...`: sleeps FAKE_DELAY; fails the stage FAKE_FAIL.
+stage="$3"
+if [[ "$stage" == "$FAKE_FAIL" ]]; then echo "fake failure of $stage"; exit 1; fi
+sleep "$FAKE_DELAY"
+"""
+
+
+def _fake_plan(tmp_path, one_at_a_time=False, smoke_fail=""):
+    from matekd.commands.gpu_run.plan import Project
+    from matekd.commands.gpu_run.runner import StageRunner
+
+    python = tmp_path / "python"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    record = tmp_path / "record"
+    record.mkdir()
+    params = SimpleNamespace(device="cpu", teachers={"a": None, "b": None}, ablation=SimpleNamespace(methods=["ce"]))
+    projects = []
+    for name, env in (("main", {"FAKE_DELAY": "0.6"}), ("smoke", {"FAKE_DELAY": "0.2", "FAKE_FAIL": smoke_fail})):
+        (tmp_path / name).mkdir()
+        projects.append(Project(tmp_path / name, params, {**os.environ, **env}, one_at_a_time))
+    return StageRunner(record, projects[0].env, python=str(python)), *projects
+
+
+def _intervals(runner, phase):
+    return [(t["start_s"], t["end_s"], t["stage"]) for t in runner.timings if t["phase"] == phase]
+
+
+def test_the_smoke_pass_runs_beside_the_run(tmp_path, capsys):
+    from matekd.commands.gpu_run.plan import run_plan, smoke_steps
+
+    runner, main, smoke = _fake_plan(tmp_path)
+    run_plan(runner, main, smoke, gpu_run.BenchOptions())
+    smoke_runs = _intervals(runner, "smoke")
+    assert [stage for _, _, stage in smoke_runs].count("ablation") == 1 and len(smoke_runs) == 1 + sum(
+        len(step) for step in smoke_steps(smoke))                                  # fetch + every stage
+    # each smoke step starts after the one before it has ended
+    steps = [{name for name, _ in step} for step in smoke_steps(smoke)]
+    ends = {stage: end for _, end, stage in smoke_runs}
+    starts = {stage: start for start, _, stage in smoke_runs}
+    for before, after in zip(steps, steps[1:]):
+        assert min(starts[n] for n in after) >= max(ends[n] for n in before)
+    # ... while the run's teachers train: the smoke pass no longer comes first
+    teachers = _intervals(runner, "teachers")
+    assert min(s for s, _, _ in teachers) < max(e for _, e, _ in smoke_runs)
+    assert "smoke pass ok" in capsys.readouterr().out
+    assert all(t["status"] == "ok" for t in runner.timings)
+
+
+def test_a_smoke_stage_failing_beside_the_run_stops_everything(tmp_path):
+    from matekd.commands.gpu_run.plan import SmokeFailed, run_plan
+
+    runner, main, smoke = _fake_plan(tmp_path, smoke_fail="method-inputs")
+    with pytest.raises(SmokeFailed, match="smoke pass failed, the run was stopped: smoke stage `method-inputs ce`"):
+        run_plan(runner, main, smoke, gpu_run.BenchOptions())
+    assert not runner.running
+    statuses = {(t["phase"], t["stage"]): t["status"] for t in runner.timings}
+    assert statuses[("smoke", "method-inputs ce")].startswith("failed")
+    assert "stopped: another stage failed" in statuses.values()                  # the run's stages too
+    assert not any(phase in ("ablation", "evaluate") for phase, _ in statuses)
+
+
+def test_an_exclusive_gpu_runs_the_smoke_pass_first(tmp_path):
+    from matekd.commands.gpu_run.plan import run_plan
+
+    runner, main, smoke = _fake_plan(tmp_path, one_at_a_time=True)
+    run_plan(runner, main, smoke, gpu_run.BenchOptions())
+    assert max(e for _, e, _ in _intervals(runner, "smoke")) <= min(s for s, _, _ in _intervals(runner, "teachers"))
+
+
+# --------------------------------------------------------------------------------------
 # The runner on the device image: no mlflow, dvc or optuna
 
 BLOCKED_PACKAGES = ("mlflow", "dvc", "optuna")
