@@ -692,6 +692,10 @@ def test_runner_on_cpu_packs_everything_within_the_limits(tmp_path):
     assert {"prepare", "corrupt", "teachers", "caches", "method-inputs", "ablation", "evaluate", "report",
             "bench"} <= set(timings["phases"])
     assert timings["epochs"]["student_groups"]["group1"]["students"] and timings["paper_extrapolation"]["total_seconds"]
+    clock = timings["clock"]["phases"]           # the plan's prediction beside what each phase took
+    assert set(clock) == {"teachers", "caches", "method-inputs", "ablation", "evaluate", "report", "bench"}
+    assert all(c["predicted_s"] > 0 and c["measured_s"] == timings["phases"][p]["seconds"] for p, c in clock.items())
+    assert "Predicted vs measured seconds per phase:" in proc.stdout and "plan (H100 rates" in proc.stdout
 
     # Every packed file is in the MANIFEST with its pack; unpacked, the outputs are the run's own.
     manifest = (out / "MANIFEST.txt").read_text()
@@ -794,6 +798,7 @@ def test_runner_stopped_inside_evaluate_packs_every_finished_number(tmp_path):
     assert timings["status"] == "time limit"
     assert [s["status"] for s in timings["stages"] if s["phase"] == "evaluate"] == ["stopped: time limit"]
     assert not {"report", "bench"} & set(timings["phases"])
+    assert timings["clock"]["phases"]["report"]["measured_s"] is None
 
     # The table: the students' CIFAR-10 and CIFAR-10-C (evaluated before the cut), the teachers'
     # training-time test accuracy (marked *), and what was cut.
@@ -818,6 +823,40 @@ def test_runner_stopped_inside_evaluate_packs_every_finished_number(tmp_path):
     partial = sorted(p.name for p in (unpacked / "metrics" / "eval-partial").iterdir())
     assert partial == sorted(f"student-{m}-seed0.json" for m in method_table.METHODS)
     assert not (unpacked / "metrics" / "eval").exists()
+
+
+def test_the_plans_clock_predicts_each_phase_from_the_h100_rates():
+    from matekd.commands.gpu_run.clock import (
+        CACHED_STEP_RATE,
+        FUSED_SPEEDUP,
+        H100_RATES,
+        STAGE_START_S,
+        clock_lines,
+        clock_record,
+        predicted_phases,
+    )
+
+    params = load_params(BUDGET)
+    predicted, notes = predicted_phases(params)
+    assert list(predicted) == ["teachers", "caches", "method-inputs", "ablation", "evaluate", "report", "bench"]
+    # by hand: 18 students x 15 epochs x 45,000 images at 4 x the cached step rate, and their
+    # validation (15 x 5,000) and test (10,000) images at 4 x ResNet20's inference rate
+    ablation = STAGE_START_S + 18 * 15 * 45_000 / (CACHED_STEP_RATE * FUSED_SPEEDUP) + 18 * (
+        15 * 5_000 + 10_000) / (H100_RATES["resnet20"][1] * FUSED_SPEEDUP)
+    assert predicted["ablation"] == pytest.approx(ablation, abs=0.05)
+    resnet110 = 12 * 45_000 / 11_534 + (12 * 5_000 + 10_000) / 44_831
+    assert predicted["teachers"] > STAGE_START_S + resnet110
+    # every teacher: 19 x 5 x 10,000 CIFAR-10-C images and the 10,000 clean ones
+    assert predicted["evaluate"] > 8 + (950_000 + 10_000) / H100_RATES["densenet121"][1]
+    assert 300 < sum(predicted.values()) < 540                 # the window the profile was cut for
+    phases = {"teachers": {"seconds": 2 * predicted["teachers"]}, "ablation": {"seconds": predicted["ablation"]}}
+    record = clock_record(predicted, notes, phases)
+    assert record["phases"]["teachers"] == {"predicted_s": predicted["teachers"], "measured_s": phases["teachers"][
+        "seconds"]}
+    assert record["phases"]["evaluate"]["measured_s"] is None
+    lines = clock_lines(predicted, phases)
+    assert any(line.split()[0] == "teachers" and line.endswith("( 2.00x)") for line in lines)
+    assert any(line.split()[0] == "evaluate" and line.endswith("not run") for line in lines)
 
 
 def test_paper_extrapolation_is_measured_seconds_per_epoch_times_paper_epochs(tmp_path):

@@ -16,6 +16,7 @@ from typing import Any
 
 from ...errors import MatekdError
 from ..pack import FILE_LIMIT, MAX_FILES, MIB, TOTAL_LIMIT, PackError, check_output_layout
+from .clock import clock_record, plan_lines, predicted_phases
 from .layout import (
     DEFAULT_OUTPUT,
     DEFAULT_PAPER_PROFILE,
@@ -84,7 +85,10 @@ def run_gpu(profile: str | os.PathLike = DEFAULT_PROFILE, output: str | os.PathL
                                "started": started, "time_limit_s": time_limit, "environment": environment}
 
     def save_timings() -> None:
-        timings.update(stages=runner.timings, phases=phase_times(runner.timings), elapsed_s=round(runner.elapsed(), 2))
+        phases = phase_times(runner.timings)
+        timings.update(stages=runner.timings, phases=phases, elapsed_s=round(runner.elapsed(), 2))
+        if "clock" in timings:
+            timings["clock"] = clock_record(predicted, clock_notes, phases)
         write_json(record / TIMINGS, timings)
         write_json(output / TIMINGS, timings)       # kept current: a run cut off from outside still tells
 
@@ -93,6 +97,10 @@ def run_gpu(profile: str | os.PathLike = DEFAULT_PROFILE, output: str | os.PathL
                f"GPU {environment['gpu']}; work {work}, output {output}")
     for line in gpu_lines:
         runner.say(line)
+    predicted, clock_notes = predicted_phases(params)
+    for line in plan_lines(predicted):
+        runner.say(line)
+    timings["clock"] = clock_record(predicted, clock_notes, {})
     status, error = _run_stages(runner, main, smoke_project if smoke else None, bench or BenchOptions())
     timings.update(status=status, error=error,
                    **measurements(main.folder, params, paper, phase_times(runner.timings)))
