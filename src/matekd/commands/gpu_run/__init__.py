@@ -41,6 +41,7 @@ dvc or optuna (the stages run offline on a bare GPU machine):
     plan        which stages run in what order, where, with which environment
     machine     what ran where: Python, packages, GPU, code (environment.json)
     timings     per-phase times, seconds per epoch, the paper profile extrapolated, bench targets
+    clock       each phase's time predicted from the profile and the H100 rates, beside the measured
     results     the results table (teachers, each method's mean ± std over seeds)
     outputs     what is packed (and what is not, and why), MANIFEST.txt
     command     run_gpu: all of the above in order
