@@ -474,6 +474,9 @@ class _RecordingRunner:
     def run_all(self, phase, commands, cwd, envs):
         self.batches.append((phase, [name for name, _ in commands]))
 
+    def start(self, phase, name, args, cwd, env):
+        self.batches.append((phase, [name]))
+
     def wait(self, *jobs):
         pass
 
@@ -546,6 +549,9 @@ def test_the_smoke_pass_runs_beside_the_run(tmp_path, capsys):
     assert min(s for s, _, _ in teachers) < max(e for _, e, _ in smoke_runs)
     assert "smoke pass ok" in capsys.readouterr().out
     assert all(t["status"] == "ok" for t in runner.timings)
+    (report,), (bench,) = _intervals(runner, "report"), _intervals(runner, "bench")
+    assert bench[0] < report[1] and report[0] < bench[1]                 # together, after evaluate
+    assert min(report[0], bench[0]) >= max(e for _, e, _ in _intervals(runner, "evaluate"))
 
 
 def test_a_smoke_stage_failing_beside_the_run_stops_everything(tmp_path):
@@ -567,6 +573,8 @@ def test_an_exclusive_gpu_runs_the_smoke_pass_first(tmp_path):
     runner, main, smoke = _fake_plan(tmp_path, one_at_a_time=True)
     run_plan(runner, main, smoke, gpu_run.BenchOptions())
     assert max(e for _, e, _ in _intervals(runner, "smoke")) <= min(s for s, _, _ in _intervals(runner, "teachers"))
+    (report,), (bench,) = _intervals(runner, "report"), _intervals(runner, "bench")
+    assert bench[0] >= report[1]                                 # one process on the GPU at a time
 
 
 # --------------------------------------------------------------------------------------

@@ -188,5 +188,11 @@ def run_pipeline(runner: StageRunner, project: Project, bench_args: Sequence[str
     together("method-inputs", [(f"method-inputs {m}", ["method-inputs", m]) for m in params.ablation.methods])
     together("ablation", [("ablation", ["ablation"])])
     runner.wait(corrupt)
-    for name, args in (("evaluate", ["evaluate"]), ("report", ["report"]), ("bench", ["bench", *bench_args])):
-        together(name, [(name, args)])
+    together("evaluate", [("evaluate", ["evaluate"])])
+    last = [("report", ["report"]), ("bench", ["bench", *bench_args])]
+    if project.one_at_a_time:
+        for name, args in last:
+            together(name, [(name, args)])
+        return
+    # The report (CPU: tables, figures) does not read the bench: both at once.
+    runner.wait(*[runner.start(phase(name), name, args, project.folder, project.env) for name, args in last])
