@@ -554,15 +554,16 @@ def test_the_smoke_pass_runs_beside_the_run(tmp_path, capsys):
     assert min(report[0], bench[0]) >= max(e for _, e, _ in _intervals(runner, "evaluate"))
 
 
-def test_a_smoke_stage_failing_beside_the_run_stops_everything(tmp_path):
+@pytest.mark.parametrize(("stage", "name"), [("prepare", "prepare"), ("method-inputs", "method-inputs ce")])
+def test_a_smoke_stage_failing_beside_the_run_stops_everything(tmp_path, stage, name):
     from matekd.commands.gpu_run.plan import SmokeFailed, run_plan
 
-    runner, main, smoke = _fake_plan(tmp_path, smoke_fail="method-inputs")
-    with pytest.raises(SmokeFailed, match="smoke pass failed, the run was stopped: smoke stage `method-inputs ce`"):
+    runner, main, smoke = _fake_plan(tmp_path, smoke_fail=stage)
+    with pytest.raises(SmokeFailed, match=f"smoke pass failed, the run was stopped: smoke stage `{name}`"):
         run_plan(runner, main, smoke, gpu_run.BenchOptions())
     assert not runner.running
     statuses = {(t["phase"], t["stage"]): t["status"] for t in runner.timings}
-    assert statuses[("smoke", "method-inputs ce")].startswith("failed")
+    assert statuses[("smoke", name)].startswith("failed")
     assert "stopped: another stage failed" in statuses.values()                  # the run's stages too
     assert not any(phase in ("ablation", "evaluate") for phase, _ in statuses)
 

@@ -86,29 +86,35 @@ def run_plan(runner: StageRunner, main: Project, smoke: Project | None, bench: B
     failure of either stops both (SmokeFailed for the smoke pass's). With an exclusive GPU
     (one process per GPU) the smoke pass runs first, before the run starts."""
     try:
-        corrupt = _prepare(runner, main, smoke)
+        _fetch(runner, main, smoke)
     except StageFailed as exc:
         if smoke is None:
             raise
         raise SmokeFailed(f"smoke pass failed, the run was not started: {exc}") from None
     try:
+        corrupt = _prepare(runner, main, smoke)
         run_pipeline(runner, main, bench.args(), corrupt)
         if smoke is not None and not main.one_at_a_time:
             runner.wait_for(lambda: runner.smoke_done)     # normally long over
     except StageFailed as exc:
         if exc.phase != "smoke":
             raise
-        raise SmokeFailed(f"smoke pass failed, the run was stopped: {exc}") from None
+        ran = "was not started" if main.one_at_a_time else "was stopped"
+        raise SmokeFailed(f"smoke pass failed, the run {ran}: {exc}") from None
 
 
-def _prepare(runner: StageRunner, main: Project, smoke: Project | None) -> Job:
-    """fetch (both folders), then prepare: corrupt starts in the background when it ends (CPU
-    work, beside everything that follows), and the smoke pass starts beside it (smoke_chain),
-    or runs to its end first with an exclusive GPU (smoke_run). Returns that corrupt."""
+def _fetch(runner: StageRunner, main: Project, smoke: Project | None) -> None:
+    """`matekd fetch` in both folders at once."""
     fetches = [runner.start("fetch", "fetch", ["fetch"], main.folder, main.env)]
     if smoke is not None:
         fetches.append(runner.start("smoke", "fetch", ["fetch"], smoke.folder, smoke.env))
     runner.wait(*fetches)
+
+
+def _prepare(runner: StageRunner, main: Project, smoke: Project | None) -> Job:
+    """prepare: corrupt starts in the background when it ends (CPU work, beside everything that
+    follows), and the smoke pass starts beside it (smoke_chain), or runs to its end first with
+    an exclusive GPU (smoke_run). Returns that corrupt."""
     background: list[Job] = []
 
     def start_corrupt(job: Job) -> None:
