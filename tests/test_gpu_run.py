@@ -728,8 +728,8 @@ def test_runner_on_cpu_packs_everything_within_the_limits(tmp_path):
 
 # Test-only, appended to the blocker's sitecustomize: the time limit falls inside evaluate, after
 # the students were evaluated and while the first teacher is. The evaluate process waits there
-# (its second corruption_table call), and the runner process, once the students' results are in
-# metrics/eval-partial/, finds its deadline passed: the runner's own time-limit path, at a
+# (its second corruption_table call), and the runner process, once all CUT_STUDENTS students'
+# results are in metrics/eval-partial/, finds its deadline passed: the runner's own time-limit path, at a
 # moment a wall-clock limit on a shared CPU could not pick.
 CUT_INSIDE_EVALUATE = """
 
@@ -775,7 +775,8 @@ def _deadline_once_students_are_evaluated(module):
         poll(self)
         partial = os.path.join(os.environ["CUT_PROJECT"], "metrics", "eval-partial")
         evaluate = [job for job in self.running if job.name == "evaluate"]
-        done = os.path.isdir(partial) and any(name.startswith("student-") for name in os.listdir(partial))
+        done = os.path.isdir(partial) and sum(name.startswith("student-") for name in os.listdir(partial)) == int(
+            os.environ["CUT_STUDENTS"])
         # (or after 5 minutes of evaluate: without per-model results the test fails, not hangs)
         if evaluate and (done or self.elapsed() - evaluate[0].started > 300):
             self.deadline = time.monotonic() - 1
@@ -798,7 +799,7 @@ def test_runner_stopped_inside_evaluate_packs_every_finished_number(tmp_path):
         command += ["-S", pair]
     proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900,
                           env=_script_env(MATEKD_CIFAR10=str(ARCHIVE), MATEKD_FROST=str(FROST), PYTHONPATH=blocker,
-                                          CUT_PROJECT=str(work / "main")))
+                                          CUT_PROJECT=str(work / "main"), CUT_STUDENTS=str(len(method_table.METHODS))))
     assert proc.returncode == 2, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "the time limit ran out while running evaluate" in proc.stderr
     _no_blocked_imports(blocked)
