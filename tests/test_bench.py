@@ -29,3 +29,23 @@ def test_bench_prints_and_writes_ratios_to_the_ce_step(tmp_path, capsys):
     alone = report["steps"]["mate_kd_cached"]["images_per_second"]
     assert report["together_speedup"] == together["images_per_second"] / alone
     assert "2 students together" in out
+
+
+def test_bench_times_with_the_cudnn_settings_of_training(tmp_path, monkeypatch):
+    import torch
+
+    from matekd.commands import bench
+
+    seen = []
+    monkeypatch.setattr(bench, "_bench_steps", lambda *a: seen.append(torch.backends.cudnn.benchmark) or {
+        "mate_kd_cached": {"images_per_second": 1.0, "median_s": 1.0, "ratio_to_ce": 1.0},
+        "mate_kd_cached_x2": {"images_per_second": 2.0, "images_per_second_per_student": 1.0, "median_s": 1.0,
+                              "ratio_to_ce": 1.0}})
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)     # set by deterministic; undone after
+    for deterministic in (False, True):
+        params = load_params(ROOT / "profiles" / "tiny.yaml", {"device": "cpu", "deterministic": deterministic})
+        run_bench(params, batch_size=8, repeats=1, warmup=1, together=2, output=tmp_path / "bench.json")
+        assert seen[-1] is (not deterministic)      # what train.configure_determinism sets for training
+    torch.use_deterministic_algorithms(False)

@@ -18,6 +18,7 @@ from matekd.distill import (
     confidence_weights,
     effective_tau,
     final_tau,
+    histogram_edges,
     loss_terms,
     mate_kd_loss,
     relative_entropy,
@@ -331,7 +332,7 @@ def test_weight_statistics_hand_values() -> None:
     assert st["entropy"].dim() == 0 and st["entropy"].item() == pytest.approx(entropy, rel=1e-6)
     # bins over [0,1]: [0,.25) [.25,.5) [.5,.75) [.75,1]
     assert st["histogram"].tolist() == [[1, 0, 1, 2], [2, 0, 1, 1]]
-    torch.testing.assert_close(st["histogram_edges"], torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]))
+    torch.testing.assert_close(histogram_edges(4), torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]))
     for value in st.values():
         assert isinstance(value, torch.Tensor)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -253,12 +254,41 @@ def test_run_evaluate_writes_every_model(stage_files) -> None:
     assert sorted(g["per_image"]["label"]) == sorted(range(6))  # classes interleaved: 6 different classes
     assert sum(g["dominant_fraction"].values()) == pytest.approx(1.0)
 
+    assert not (stage_files / "metrics" / "eval-partial").exists()      # removed once metrics/eval is whole
+
     from matekd.stages.report import run_report
 
     run_report(params)
     md = (stage_files / "reports" / "results.md").read_text()
     assert "CIFAR-10 (JPEG q75 mirror)" in md and "frost skipped" in md
     assert (stage_files / "reports" / "figures" / "gradcam-student-distill.png").exists()
+
+
+def test_evaluate_stopped_part_way_keeps_every_finished_model(stage_files, monkeypatch) -> None:
+    """The students are evaluated first and each finished model is written at once: a stop
+    while the second teacher is evaluated leaves the students' and the first teacher's numbers
+    (the same as a whole run writes), and no metrics/eval."""
+    params = tiny_params(stage_files)
+    whole = evaluate_stage.run_evaluate(params)
+    real_table, batches = evaluate_stage.corruption_table, []
+
+    def stop_at_the_third_batch(models, *args, **kwargs):
+        batches.append(sorted(models))
+        if len(batches) == 3:
+            raise KeyboardInterrupt        # what SIGTERM from the runner's time limit amounts to
+        return real_table(models, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_stage, "corruption_table", stop_at_the_third_batch)
+    shutil.rmtree(stage_files / "metrics")
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_stage.run_evaluate(params)
+    assert batches == [["student-ce-seed0", "student-distill"], ["resnet20"], ["resnet56"]]
+    partial = stage_files / "metrics" / "eval-partial"
+    assert sorted(p.name for p in partial.iterdir()) == ["resnet20.json", "student-ce-seed0.json",
+                                                         "student-distill.json"]
+    for name in ("resnet20", "student-ce-seed0", "student-distill"):
+        assert json.loads((partial / f"{name}.json").read_text()) == whole[name]
+    assert not (stage_files / "metrics" / "eval").exists()
 
 
 def test_fused_prediction_groups_give_each_models_own_logits() -> None:

@@ -101,6 +101,40 @@ def _recording(monkeypatch) -> list[tuple[dict, RecordingRun]]:
     return opened
 
 
+def test_teacher_weight_figures_are_drawn_after_training(workspace):
+    """The figures are drawn once training is over (not inside the epoch loop, where they keep the
+    device idle): every epoch's, at the same key and step, from that epoch's counts."""
+    import numpy as np
+
+    from matekd.plotting import figure_to_array
+    from matekd.students import histogram_figure
+
+    root, params = workspace
+    params = params.model_copy(deep=True)
+    params.distill.recipe.epochs = 2
+    events: list[tuple] = []
+
+    class OrderedRun(RecordingRun):
+        def log_metrics(self, metrics, step=None):
+            if "val_acc" in metrics:
+                events.append(("epoch",))
+
+        def log_image(self, image, key, step):
+            events.append(("image", key, step, image))
+
+    spec = resolve_spec(params, "mate_kd", 0, "figures")
+    (student,) = train_students(params, [spec], load_prepared(root / "prepared"), CPU, [OrderedRun()], None,
+                                progress=False, with_test=False)
+    assert [e[0] for e in events] == ["epoch", "epoch", "image", "image"]
+    names = spec_teachers(spec, params)
+    for (_, key, step, image), entry in zip(events[2:], student.histograms, strict=True):
+        assert (key, step) == ("teacher_weights", entry["epoch"] - 1)
+        counts = torch.tensor([entry["counts"][n] for n in names])
+        assert counts.sum() > 0
+        np.testing.assert_array_equal(image, figure_to_array(histogram_figure(counts, names, entry["epoch"],
+                                                                              "mate_kd")))
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_trains_one_epoch_and_logs_only_its_terms(workspace, method, monkeypatch):
     root, params = workspace

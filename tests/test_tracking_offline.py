@@ -440,3 +440,56 @@ def test_offline_tracking_without_mlflow(repo: Path, tmp_path: Path, store: str)
     (version,) = client.search_model_versions("name = 'matekd-student-gpu'")  # recorded without mlflow, logged here
     assert version.run_id == parent.info.run_id and summary.models == [
         f"student of run {out['parent']} -> matekd-student-gpu v1"]
+
+
+# ---------------------------------------------------------------------------------------
+# a record file missing is refused (never read as empty); run.json is replaced atomically
+
+
+def _small_run(root: Path) -> OfflineRun:
+    run = OfflineRun.create(root, experiment="e", run_name="r", tags={"t": 1})
+    run.log_metrics({"loss": 0.5}, step=1)
+    return run
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "artifacts.jsonl", "images.jsonl"])
+def test_a_missing_record_file_is_refused_not_read_as_empty(tmp_path: Path, name: str) -> None:
+    from matekd.tracking import read_folder
+
+    run = _small_run(tmp_path / "offline")
+    run.finish()
+    (run.folder / "images.jsonl").write_text("")       # present and empty: a run that logged none
+    assert len(read_folder(tmp_path / "offline")[run.run_id].metrics) == 1
+    (run.folder / name).unlink()
+    with pytest.raises(OfflineRunError, match=f"{run.folder / name}: missing"):
+        read_folder(tmp_path / "offline")
+    with pytest.raises(OfflineRunError, match=f"{run.folder / name}: missing"):
+        sync_runs(tmp_path / "offline", tracking_uri=f"sqlite:///{tmp_path / 'never.db'}")
+    assert not (tmp_path / "never.db").exists()          # refused before the store was touched
+
+
+def test_a_run_record_write_failing_part_way_keeps_the_old_record(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from matekd.tracking.offline import read_run
+
+    run = _small_run(tmp_path / "offline")
+    run.set_tags({"stage": "one"})
+    before = (run.folder / "run.json").read_bytes()
+    real_dump = json.dump
+
+    def dump_half_then_fail(obj: Any, handle: Any, **kwargs: Any) -> None:
+        text = json.dumps(obj, **kwargs)
+        handle.write(text[: len(text) // 2])           # the disk fills half-way through the record
+        handle.flush()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", dump_half_then_fail)
+    with pytest.warns(UserWarning, match="set_tags failed .*No space left on device"):
+        run.set_tags({"stage": "two"})
+    monkeypatch.setattr(json, "dump", real_dump)
+    assert (run.folder / "run.json").read_bytes() == before
+    assert read_run(run.folder).meta["tags"]["stage"] == "one"
+    assert sorted(p.name for p in run.folder.iterdir()) == ["artifacts.jsonl", "images.jsonl", "metrics.jsonl",
+                                                            "run.json"]   # no temp file left behind
+    run.finish()                                         # the next write carries the change that failed
+    assert read_run(run.folder).meta["tags"]["stage"] == "two"

@@ -139,3 +139,42 @@ def test_learning_rate_schedule_warms_up_linearly_then_decays_by_cosine():
     assert lr_factor(10, 10, "cosine", warmup_steps=4) < 1e-12
     assert lr_factor(3, 10, "constant") == 1.0 and lr_factor(0, 10, "constant", warmup_steps=2) == 0.5
     assert abs(lr_factor(5, 10, "cosine") - 0.5) < 1e-12
+
+
+def test_sgd_uses_multi_tensor_kernels_with_the_same_numbers():
+    """foreach on the CPU (fused on CUDA): other kernels, the same update as the per-tensor loop."""
+    from types import SimpleNamespace
+
+    from matekd.train import make_optimizer, optimizer_kernels
+
+    recipe = Recipe(epochs=1, batch_size=8, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    models = []
+    for kernels in ({"foreach": False}, None):
+        torch.manual_seed(0)
+        model = build_model("resnet20").double()
+        optimizer = (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                                     **kernels) if kernels else make_optimizer(model, recipe))
+        x = torch.randn(4, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        for _ in range(3):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), torch.arange(4)).backward()
+            optimizer.step()
+        models.append(model)
+    assert make_optimizer(models[1], recipe).defaults["foreach"] is True
+    for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    cuda = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float32)
+    assert optimizer_kernels([cuda, cuda]) == {"fused": True}
+    assert optimizer_kernels([cuda, torch.zeros(1)]) == {"foreach": True}   # mixed devices: no fused kernel
+
+
+def test_term_sums_add_every_term_weighted_by_batch_size():
+    from matekd.train import TermSums
+
+    sums = TermSums()
+    first = sums.add({"loss": torch.tensor([1.0, 2.0]), "ce": torch.tensor([0.5, 0.25])}, 4)
+    assert first.tolist() == [[1.0, 2.0], [0.5, 0.25]]
+    sums.add({"loss": torch.tensor([3.0, 1.0]), "ce": torch.tensor([1.0, 1.0])}, 2)
+    assert sums.keys == ["loss", "ce"] and sums.total.tolist() == [[10.0, 10.0], [4.0, 3.0]]
+    sums.add({"ce": torch.tensor([1.0, 0.0]), "kd": torch.tensor([2.0, 2.0])}, 1)   # another set: by name
+    assert sums.keys == ["loss", "ce", "kd"] and sums.total.tolist() == [[10.0, 10.0], [5.0, 3.0], [2.0, 2.0]]

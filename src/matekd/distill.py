@@ -26,7 +26,7 @@ from torch import Tensor
 from matekd.attribution import normalize_maps, resize_maps
 
 __all__ = ["similarity", "teacher_weights", "confidence_weights", "mate_kd_loss", "loss_terms", "tau_at_epoch",
-           "effective_tau", "final_tau", "weight_statistics", "relative_entropy", "WeightingInputs",
+           "effective_tau", "final_tau", "weight_statistics", "histogram_edges", "relative_entropy", "WeightingInputs",
            "WEIGHTING_RULES", "register_weighting", "weigh"]
 
 EPS = 1e-8
@@ -270,7 +270,8 @@ def weight_statistics(weights: Tensor, similarity: Tensor | None, bins: int) -> 
     similarity_mean/similarity_std [K, ...] (population std; only with a similarity),
     entropy [...] (mean over samples, nats), entropy_relative [...] (entropy / log K: 1 for
     equal weights, 0 for one-hot), histogram [K, ..., bins] counts over [0,1] (a weight of
-    exactly 1 falls in the last bin), histogram_edges [bins+1].
+    exactly 1 falls in the last bin), whose edges are histogram_edges(bins) (not made here:
+    this runs every training step, and the edges never change).
     """
     if weights.dim() < 2 or (similarity is not None and similarity.shape != weights.shape):
         raise ValueError(f"weights {tuple(weights.shape)} must be [K,...,B]"
@@ -291,13 +292,17 @@ def weight_statistics(weights: Tensor, similarity: Tensor | None, bins: int) -> 
         "entropy": entropy,
         "entropy_relative": relative_entropy(entropy, k),
         "histogram": histogram,
-        "histogram_edges": torch.linspace(0.0, 1.0, bins + 1, device=w.device),
     }
     if similarity is not None:
         sim = similarity.detach().float()
         out["similarity_mean"] = sim.mean(dim=-1)
         out["similarity_std"] = sim.std(dim=-1, correction=0)
     return out
+
+
+def histogram_edges(bins: int) -> Tensor:
+    """The bin edges [bins+1] of weight_statistics' histogram: equal bins over [0, 1]."""
+    return torch.linspace(0.0, 1.0, bins + 1)
 
 
 def relative_entropy(entropy: Tensor | float, teachers: int) -> Tensor | float:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 PREPARED_DIR = Path("prepared")
 EVAL_DIR = Path("metrics") / "eval"
+EVAL_PARTIAL_DIR = Path("metrics") / "eval-partial"   # evaluate's per-model results while it runs (a cut keeps them)
 SUMMARY_METRICS = Path("metrics") / "summary.json"   # stage evaluate's DVC metrics: per model, numbers
 REPORT_DIR = Path("reports")
 METHOD_INPUTS_DIR = Path("methods")          # stage method_inputs: what each method trains with

@@ -29,7 +29,7 @@ from .attribution import model_cam
 from .augment import shift_maps, to_device_tensor, variant_index
 from .cache import load_cache
 from .data.prepared import Prepared
-from .distill import WeightingInputs, effective_tau, loss_terms, weigh, weight_statistics
+from .distill import WeightingInputs, effective_tau, histogram_edges, loss_terms, weigh, weight_statistics
 from .errors import CacheError, ParamsError
 from .methods import Method
 from .models import build_model
@@ -390,11 +390,12 @@ def make_group_step(parts: list[_MethodPart], group: StudentGroup, signals: Teac
     map_parts = [p for p in parts if p.method.needs_maps]
     graph_maps = any(p.method.attribution_loss and p.distill.attribution_weight > 0 for p in map_parts)
 
+    layout: dict[str, int] = {}          # term name -> its row in the step's table, fixed at the first step
+    placement: list[Tensor] = []         # per part: the table rows of its terms, on the device (made once)
+
     def step(batch: Batch, epoch: int) -> StepOutput:
         slots, b = batch.labels.shape
         logits, activations = group.forward_cam(batch.inputs)
-        losses = logits.new_zeros(slots, dtype=_wide(logits).dtype)
-        terms: dict[str, Tensor] = {}
         total = logits.new_zeros((), dtype=_wide(logits).dtype)
         all_maps = None
         if map_parts:
@@ -405,17 +406,16 @@ def make_group_step(parts: list[_MethodPart], group: StudentGroup, signals: Teac
                     targets[part.slot_index] = logits[part.slot_index].detach().argmax(-1)
             all_maps = group.cam(activations, logits, targets, create_graph=graph_maps)
 
-        def put(name: str, part: _MethodPart, values: Tensor) -> None:
-            vec = terms.get(name)
-            if vec is None:
-                vec = terms[name] = losses.new_zeros(slots)
-            vec.index_copy_(0, part.slot_index, values.detach().to(vec.dtype))
-
+        # Each part's logged values as one [T_part, m] block, written into a [T, S] table with one
+        # index_put (not one index_copy_ per term and teacher: ~20 launches per method per step).
+        blocks: list[tuple[_MethodPart, list[str], list[Tensor]]] = []
         for part in parts:
             m, cfg, method = len(part.slots), part.distill, part.method
             idx = part.slot_index
             s_logits = _wide(logits[idx].flatten(0, 1))                     # [m*B, C]
             labels = batch.labels[idx].reshape(-1)                          # [m*B]
+            names: list[str] = []
+            rows: list[Tensor] = []                                         # each [r, m]
             if not method.has_kd:
                 per_sample = loss_terms(s_logits, None, labels, None, None, None, 1.0, attribution=False)
                 per = {k: v.view(m, b).mean(dim=1) for k, v in per_sample.items()}
@@ -445,16 +445,25 @@ def make_group_step(parts: list[_MethodPart], group: StudentGroup, signals: Teac
                     stats = weight_statistics(weights.view(k, m, b), sim.view(k, m, b) if sim is not None else None,
                                               bins=cfg.histogram_bins)
                     part.histogram.add(stats["histogram"])
-                    put("entropy", part, stats["entropy"])
-                    put("entropy_relative", part, stats["entropy_relative"])
+                    names += ["entropy", "entropy_relative"]
+                    rows += [stats["entropy"][None], stats["entropy_relative"][None]]
                     for stat in WEIGHT_STATS + (SIMILARITY_STATS if sim is not None else ()):
-                        for j, teacher in enumerate(part.teacher_names):
-                            put(f"{stat}/{teacher}", part, stats[stat][j])
-            for name, value in per.items():
-                put(name, part, value)
-            put("total", part, student_total)
-            losses.index_copy_(0, idx, student_total.detach().to(losses.dtype))
+                        names += [f"{stat}/{teacher}" for teacher in part.teacher_names]
+                        rows.append(stats[stat])                            # [K, m]
+            names += [*per, "total"]
+            rows += [value[None] for value in per.values()] + [student_total[None]]
+            blocks.append((part, names, rows))
             total = total + student_total.sum()
+        if not layout:
+            for _, names, _ in blocks:
+                layout.update((name, len(layout)) for name in names if name not in layout)
+            placement.extend(torch.tensor([layout[n] for n in names], device=logits.device)[:, None]
+                             for _, names, _ in blocks)
+        table = total.new_zeros(len(layout), slots)
+        for (part, _, rows), where in zip(blocks, placement, strict=True):
+            table[where, part.slot_index[None, :]] = torch.cat(rows).detach().to(table.dtype)   # [T_part, m]
+        terms = dict(zip(layout, table.unbind(0)))                          # views: no copies
+        losses = terms["total"]
         return StepOutput(total, logits, losses, terms)
 
     return step
@@ -473,11 +482,8 @@ class StudentRun:
 
 
 def histogram_figure(counts: Tensor, names: Sequence[str], epoch: int, method: str):
-    import numpy as np
-
     plt = pyplot()
-    bins = counts.shape[-1]
-    edges = np.linspace(0, 1, bins + 1)
+    edges = histogram_edges(counts.shape[-1]).numpy()
     fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
     for j, name in enumerate(names):
         ax.stairs(counts[j].cpu().numpy(), edges, label=name)
@@ -485,6 +491,17 @@ def histogram_figure(counts: Tensor, names: Sequence[str], epoch: int, method: s
     ax.legend(fontsize=7, loc="upper right", framealpha=0.8)
     fig.tight_layout()
     return fig
+
+
+def log_histogram_figures(run: RunLike, history: Sequence[dict], names: Sequence[str], method: str) -> None:
+    """Log each epoch's teacher-weight histogram figure of one student (`history`: its entries
+    {epoch, bins, counts: {teacher: [...]}}) as image `teacher_weights` at step epoch - 1."""
+    if not getattr(run, "active", False):
+        return
+    for entry in history:
+        counts = torch.tensor([entry["counts"][n] for n in names])
+        figure = histogram_figure(counts, names, entry["epoch"], method)
+        run.log_image(figure_to_array(figure), key="teacher_weights", step=entry["epoch"] - 1)
 
 
 def group_digest(params: Params, specs: Sequence[StudentSpec], data_hash: str) -> str:
@@ -539,9 +556,8 @@ def train_students(params: Params, specs: Sequence[StudentSpec], data: Prepared,
                 histograms[slot].append(entry)
                 run = runs[slot]
                 if getattr(run, "active", False):
-                    run.log_image(figure_to_array(histogram_figure(counts[:, j], part.teacher_names, epoch,
-                                                                   part.method.name)),
-                                  key="teacher_weights", step=epoch - 1)
+                    # The counts now (a small JSON); the figure after training (log_histogram_figures):
+                    # drawing it here, about 0.1 s per student, would keep the device idle every epoch.
                     run.log_dict(entry, f"histograms/teacher_weights_epoch{epoch:03d}.json")
         if epoch_hook is not None:
             epoch_hook(epoch, records)
@@ -558,6 +574,9 @@ def train_students(params: Params, specs: Sequence[StudentSpec], data: Prepared,
                   test_labels=device_labels(data.test_labels, device) if with_test else None,
                   epoch_hook=on_epoch, predict=lambda x, bs: group_predict(group, x, bs, device),
                   slot_terms=[term_names(s.method, spec_teachers(s, params)) for s in specs], progress=progress)
+    for part in parts:
+        for slot in part.slots:
+            log_histogram_figures(runs[slot], histograms[slot], part.teacher_names, part.method.name)
     out = []
     for spec, state, result, hist in zip(specs, group.student_state_dicts(), results, histograms):
         model = build_model(spec.distill.student)

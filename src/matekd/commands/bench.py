@@ -25,7 +25,17 @@ from ..params import Params
 from ..precision import cpu_supports_bf16, resolve_precision, use_precision
 from ..storage import write_json
 from ..students import TeacherSignals, group_step, make_group, resolve_spec
-from ..train import PAD, device_labels, device_name, make_batch, make_optimizer, optimise, prepare_model, resolve_device
+from ..train import (
+    PAD,
+    configure_determinism,
+    device_labels,
+    device_name,
+    make_batch,
+    make_optimizer,
+    optimise,
+    prepare_model,
+    resolve_device,
+)
 
 
 def _time_steps(step_fn, model, images, labels, batch_size, slots, repeats, warmup, device, recipe) -> list[float]:
@@ -61,6 +71,9 @@ def bench_precisions(params: Params, device: torch.device) -> list[str]:
 def run_bench(params: Params, batch_size: int | None = None, repeats: int = 20, warmup: int = 3,
               together: int | None = None, output: str | Path = "metrics/bench.json") -> dict:
     device = resolve_device(params.device)
+    # The cuDNN settings training runs with (benchmark autotuning unless deterministic): timed
+    # with other kernels, the targets would not measure the training step.
+    configure_determinism(params.seed, params.deterministic)
     batch_size = batch_size or params.distill.recipe.batch_size
     together = together or max(params.ablation.group_size, 4)
     configured = resolve_precision(params.precision, device)

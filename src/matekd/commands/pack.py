@@ -202,18 +202,20 @@ def plan_packs(units: Sequence[Unit], *, max_packs: int, file_limit: int = FILE_
         if unit.estimate > capacity:
             reason = (f"{_mib(unit.estimate)} compressed{whole}, more than one file may hold "
                       f"({_mib(file_limit)})")
-        elif used + unit.estimate > total_limit - GZIP_SLACK * max(len(bins), 1):
-            reason = f"no room{whole}: the packs already hold {_mib(used)} of the {_mib(total_limit)} allowed in all"
         else:
             slot = next((k for k, load in enumerate(loads) if load + unit.estimate <= capacity), None)
-            if slot is None and len(bins) < max_packs:
-                bins.append([])
-                loads.append(0)
-                slot = len(bins) - 1
-            if slot is None:
+            packs_after = len(bins) + (slot is None)     # a new pack brings its own gzip slack
+            if used + unit.estimate > total_limit - GZIP_SLACK * packs_after:
+                reason = (f"no room{whole}: the packs already hold {_mib(used)} of the {_mib(total_limit)} "
+                          "allowed in all")
+            elif slot is None and len(bins) >= max_packs:
                 reason = (f"no room{whole}: all {max_packs} packs are full with files of higher priority "
                           "(or larger files of the same priority)")
             else:
+                if slot is None:
+                    bins.append([])
+                    loads.append(0)
+                    slot = len(bins) - 1
                 bins[slot].append(unit)
                 loads[slot] += unit.estimate
                 used += unit.estimate

@@ -82,7 +82,7 @@ class DenseNet(nn.Module):
         cam = self.dense3(out)
         out = self.dense4(self.trans3(cam))
         out = self.relu(self.bn(out))
-        logits = self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+        logits = self.linear(out.mean((2, 3)))   # global pooling; see resnet.py
         return logits, cam
 
     def forward(self, x: Tensor) -> Tensor:

@@ -316,7 +316,7 @@ class FusedCifarResNet(nn.Module):
         out = self.layer2(out)
         cam = self.layer3(out)                                          # [B, K*64, h, w]
         k, ch = self.num_students, self.linear.in_features
-        pooled = torch.flatten(F.adaptive_avg_pool2d(cam, 1), 1)        # [B, K*64]
+        pooled = cam.mean((2, 3))                                       # [B, K*64]; see resnet.py
         logits = self.linear(pooled.unflatten(1, (k, ch)).transpose(0, 1))
         return logits, cam.unflatten(1, (k, ch)).transpose(0, 1)
 

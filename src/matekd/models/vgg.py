@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from .common import init_weights
@@ -54,7 +53,7 @@ class VGG(nn.Module):
         cam = self.features_cam(x)
         out = self.features_rest(cam)
         # Global average pool (a no-op reshape at 1x1) keeps other input sizes working.
-        logits = self.classifier(torch.flatten(out.mean((2, 3)), 1))
+        logits = self.classifier(out.mean((2, 3)))
         return logits, cam
 
     def forward(self, x: Tensor) -> Tensor:

@@ -4,11 +4,17 @@ Models: every teacher of params.teachers and every student found under
 models/student/*.safetensors. Outputs (the whole metrics/eval folder is replaced at once):
 `metrics/eval/<model>.json` per model (teacher `<name>`, student `student-<output-name>`),
 `metrics/eval/gradcam-<student>.json` and `.png` per student.
+
+While it runs, each model's `<model>.json` is also written to metrics/eval-partial/ as soon as
+that model is done, the students first (evaluated together: one fused network on a GPU), then
+each teacher: a run stopped part-way (the GPU runner's time limit) keeps every finished
+number. The folder is removed once metrics/eval is in place.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +45,7 @@ from ..evaluation import (
 )
 from ..models import count_parameters, model_size_mb
 from ..params import Params, flatten
-from ..paths import EVAL_DIR, SUMMARY_METRICS
+from ..paths import EVAL_DIR, EVAL_PARTIAL_DIR, SUMMARY_METRICS
 from ..plotting import png_bytes
 from ..precision import active_precision
 from ..storage import atomic_dir, sha256_file, write_json
@@ -88,9 +94,7 @@ def run_evaluate(params: Params, prepared_dir: str | Path = "prepared", corrupte
             students[name], student_meta[name] = load_student(path, params.distill.student, device)
             student_meta[name]["weights_sha256"] = sha256_file(path)
             student_meta[name]["training_run"] = run_for_digest(student_meta[name]["weights_sha256"]) or {}
-        models = {**teachers, **students}
         test_x = to_device_tensor(data.test_images, device)
-        table = corruption_table(models, corrupted, c_labels, cfg.batch_size, device, progress)
         common = {"dataset": data_label, "corruption_dataset": c_label, "profile": params.profile,
                   "test_images": int(data.test_labels.shape[0]), "class_names": list(data.class_names),
                   "dataset_sha256": data.manifest_hash, "cifar10c_manifest_sha256": c_hash,
@@ -99,25 +103,30 @@ def run_evaluate(params: Params, prepared_dir: str | Path = "prepared", corrupte
                   "cifar10c_matches_prepared": c_matches,
                   "device": device_name(device), "precision": active_precision(device),
                   "params_sha256": params.digest()}
-        for name, model in models.items():
-            clean = evaluate_clean(model, test_x, data.test_labels, cfg.batch_size, device, num_classes)
-            summary = summarise_corruption(table[name])
-            entry: dict[str, Any] = {
-                "model": name, "kind": "teacher" if name in teachers else "student",
-                "architecture": student_meta.get(name, {}).get("architecture", name),
-                "params": count_parameters(model), "size_mb": model_size_mb(model),
-                "test_acc": clean["accuracy"],
-                "per_class_accuracy": dict(zip(data.class_names, clean["per_class_accuracy"].tolist())),
-                "confusion_matrix": clean["confusion_matrix"].tolist(),
-                "cifar10c": {"accuracy": table[name], **summary}, **common}
-            if name in students:
-                meta = student_meta[name]
-                # The weights' hash (not a run id: this file must not change between identical
-                # runs) lets the report find the logged model of the run that made them.
-                entry.update({"output": name.removeprefix("student-"), "method": meta.get("method"),
-                              "seed": int(meta["seed"]) if str(meta.get("seed", "")).isdigit() else None,
-                              "weights_sha256": meta["weights_sha256"]})
-            results[name] = to_json_safe(entry)
+        partial = root / EVAL_PARTIAL_DIR
+        shutil.rmtree(partial, ignore_errors=True)        # an earlier cut's: not these models' numbers
+        for batch in evaluation_batches(teachers, students):
+            table = corruption_table(batch, corrupted, c_labels, cfg.batch_size, device, progress)
+            for name, model in batch.items():
+                clean = evaluate_clean(model, test_x, data.test_labels, cfg.batch_size, device, num_classes)
+                entry: dict[str, Any] = {
+                    "model": name, "kind": "teacher" if name in teachers else "student",
+                    "architecture": student_meta.get(name, {}).get("architecture", name),
+                    "params": count_parameters(model), "size_mb": model_size_mb(model),
+                    "test_acc": clean["accuracy"],
+                    "per_class_accuracy": dict(zip(data.class_names, clean["per_class_accuracy"].tolist())),
+                    "confusion_matrix": clean["confusion_matrix"].tolist(),
+                    "cifar10c": {"accuracy": table[name], **summarise_corruption(table[name])}, **common}
+                if name in students:
+                    meta = student_meta[name]
+                    # The weights' hash (not a run id: this file must not change between identical
+                    # runs) lets the report find the logged model of the run that made them.
+                    entry.update({"output": name.removeprefix("student-"), "method": meta.get("method"),
+                                  "seed": int(meta["seed"]) if str(meta.get("seed", "")).isdigit() else None,
+                                  "weights_sha256": meta["weights_sha256"]})
+                results[name] = to_json_safe(entry)
+                write_json(partial / f"{name}.json", results[name])
+        results = {name: results[name] for name in [*teachers, *students]}   # the order of the outputs
         gradcam = _gradcam_analysis(params, data, teachers, students, device, tau)
         with atomic_dir(root / EVAL_DIR) as tmp:
             for name, entry in results.items():
@@ -126,6 +135,7 @@ def run_evaluate(params: Params, prepared_dir: str | Path = "prepared", corrupte
                 write_json(tmp / f"gradcam-{name}.json", summary)
                 (tmp / f"gradcam-{name}.png").write_bytes(png)
         write_summary(root / SUMMARY_METRICS, results)
+        shutil.rmtree(partial, ignore_errors=True)        # metrics/eval holds all of it now
         gradcam_summaries = {n: g for n, (g, _) in gradcam.items()}
         metrics = {name: model_metrics(entry, gradcam_summaries.get(name)) for name, entry in results.items()}
         datasets = eval_datasets(data, c_manifest, corrupted_dir)
@@ -134,6 +144,13 @@ def run_evaluate(params: Params, prepared_dir: str | Path = "prepared", corrupte
         _log(ctx.run, root / EVAL_DIR, metrics)
         _log_per_model(params, ctx.run, results, metrics, student_meta, datasets)
     return results
+
+
+def evaluation_batches(teachers: dict[str, nn.Module], students: dict[str, nn.Module]) -> list[dict[str, nn.Module]]:
+    """The models in the order they are evaluated, each batch finished (and written) before the
+    next starts: all students together (the many numbers a cut would cost most, and on a GPU one
+    fused network), then each teacher alone."""
+    return ([students] if students else []) + [{name: model} for name, model in teachers.items()]
 
 
 def summary_metrics(results: dict[str, dict]) -> dict[str, dict[str, float]]:

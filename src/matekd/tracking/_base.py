@@ -3,12 +3,15 @@ errors of the tracking package. Nothing here imports mlflow."""
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 import os
 import re
 import time
 import warnings
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 from ..errors import MatekdError, TrackingError
@@ -66,6 +69,17 @@ def retry(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
     except Exception as exc:
         warnings.warn(f"MLflow: {what} failed after {RETRIES} tries ({exc}); training goes on", stacklevel=3)
         return False
+
+
+@functools.cache
+def optional_module(name: str) -> ModuleType | None:
+    """Module `name` of an optional package (mlflow), or None where it is not installed (the GPU
+    machine). Tried once per process: Python does not remember a failed import, and the callers
+    run for every logged key."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
 
 
 def name_problem(kind: str, name: Any) -> str | None:

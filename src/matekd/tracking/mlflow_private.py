@@ -36,7 +36,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from ._base import OFF_SWITCH, TrackingError
+from ._base import OFF_SWITCH, TrackingError, optional_module
 from .roots import default_store_dir, sqlite_path, uri_to_path
 
 log = logging.getLogger("matekd.tracking")
@@ -48,15 +48,16 @@ log = logging.getLogger("matekd.tracking")
 
 def mlflow_name_problem(kind: str, name: str) -> str | None:
     """Why MLflow's own validator refuses `name` as a `kind` ("metric", "param", "tag") key, None
-    when it accepts it. Raises ImportError without mlflow (the caller falls back to its rules)."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.utils import validation
-
+    when it accepts it. Raises ImportError without mlflow (the caller falls back to its rules);
+    the import is tried once per process (`optional_module`): this runs for every logged key."""
+    validation = optional_module("mlflow.utils.validation")
+    if validation is None:
+        raise ImportError("mlflow is not installed")
     check = {"metric": validation._validate_metric_name, "param": validation._validate_param_name,
              "tag": validation._validate_tag_name}[kind]
     try:
         check(name)
-    except MlflowException as exc:
+    except optional_module("mlflow.exceptions").MlflowException as exc:
         return f"{kind} key {name!r}: {exc.message}"
     return None
 
@@ -68,11 +69,12 @@ def mlflow_name_problem(kind: str, name: str) -> str | None:
 def context_tags() -> dict[str, str]:
     """The tags MLflow's run-context providers give a new run (user, source type, ...), without
     its git provider (which looks at sys.argv[0], the console script, not at the checkout that
-    runs). Raises ImportError without mlflow."""
-    from mlflow.tracking.context.git_context import GitRunContext
-    from mlflow.tracking.context.registry import resolve_tags
-
-    return {key: str(value) for key, value in resolve_tags(ignore=[GitRunContext]).items()}
+    runs). Raises ImportError without mlflow (tried once per process)."""
+    registry = optional_module("mlflow.tracking.context.registry")
+    git_context = optional_module("mlflow.tracking.context.git_context") if registry is not None else None
+    if registry is None or git_context is None:
+        raise ImportError("mlflow is not installed")
+    return {key: str(value) for key, value in registry.resolve_tags(ignore=[git_context.GitRunContext]).items()}
 
 
 # ---------------------------------------------------------------------------------------------

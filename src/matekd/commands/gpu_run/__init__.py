@@ -7,11 +7,14 @@ subprocess in a scratch project folder; no DVC, no MLflow: tracking is offline):
 
 1. Pre-flight: the params validate, the CIFAR-10 archive ($MATEKD_CIFAR10) and the frost
    textures ($MATEKD_FROST, when CIFAR-10-C is regenerated with frost) exist, the output
-   folder is empty. Fails at once, naming what is missing.
+   folder is empty, no GPU is in compute mode Prohibited. Fails at once, naming what is
+   missing. Prints each GPU's compute mode and free memory.
 2. Smoke pass: every stage on a few images and one epoch (the same profile with
-   `smoke_overrides`), in `<work>/smoke`. A failure stops the run there, before the long part,
-   with the failing stage and the end of its log. Meanwhile the full data is decoded (prepare)
-   and CIFAR-10-C regenerated in the background by CPU worker processes (corrupt.workers).
+   `smoke_overrides`), in `<work>/smoke`, one stage after another beside the run (it no longer
+   delays it; with an exclusive-mode GPU, which admits one process, it runs first). A failure
+   stops everything, with the failing stage and the end of its log. The full data is decoded
+   (prepare) and CIFAR-10-C regenerated in the background by CPU worker processes
+   (corrupt.workers).
 3. The run, in `<work>/main`: the teachers (all at once, sharing the GPU, or one per GPU),
    their caches (all at once), method-inputs for every method, `matekd ablation` (every student
    group, spread over the visible GPUs), evaluate (after the background corrupt), report, and
@@ -38,6 +41,7 @@ dvc or optuna (the stages run offline on a bare GPU machine):
     plan        which stages run in what order, where, with which environment
     machine     what ran where: Python, packages, GPU, code (environment.json)
     timings     per-phase times, seconds per epoch, the paper profile extrapolated, bench targets
+    clock       each phase's time predicted from the profile and the H100 rates, beside the measured
     results     the results table (teachers, each method's mean ± std over seeds)
     outputs     what is packed (and what is not, and why), MANIFEST.txt
     command     run_gpu: all of the above in order

@@ -16,6 +16,7 @@ from typing import Any
 
 from ...errors import MatekdError
 from ..pack import FILE_LIMIT, MAX_FILES, MIB, TOTAL_LIMIT, PackError, check_output_layout
+from .clock import clock_record, plan_lines, predicted_phases
 from .layout import (
     DEFAULT_OUTPUT,
     DEFAULT_PAPER_PROFILE,
@@ -26,10 +27,10 @@ from .layout import (
     TIMINGS,
     find_path,
 )
-from .machine import environment_record
+from .machine import environment_record, gpu_states
 from .outputs import manifest_header, write_outputs
 from .plan import BenchOptions, Project, SmokeFailed, run_plan, stage_env
-from .preflight import clear_output, clear_work, preflight
+from .preflight import check_gpus, clear_output, clear_work, preflight
 from .profile import paper_params, resolved_params, smoke_overrides, write_params
 from .results import results_table
 from .runner import StageFailed, StageRunner, TimeLimitReached
@@ -64,17 +65,19 @@ def run_gpu(profile: str | os.PathLike = DEFAULT_PROFILE, output: str | os.PathL
     profile, output, work = find_path(profile), Path(output), Path(work_dir)
     raw, params = resolved_params(profile, overrides)
     preflight(params, base_env, output, work)
+    gpus = None if params.device == "cpu" else gpu_states()
+    gpu_lines, one_at_a_time = check_gpus(params.device, gpus, base_env.get("CUDA_VISIBLE_DEVICES"))
     paper = paper_params(paper_profile)
     clear_output(output)
     clear_work(work)
-    main = _project(work / "main", raw, {}, base_env)
-    smoke_project = _project(work / "smoke", raw, smoke_overrides(raw), base_env)
+    main = _project(work / "main", raw, {}, base_env, one_at_a_time)
+    smoke_project = _project(work / "smoke", raw, smoke_overrides(raw), base_env, one_at_a_time)
     record = work / RECORD
     record.mkdir()
     shutil.copyfile(main.folder / "params.yaml", record / "params.yaml")
     shutil.copyfile(smoke_project.folder / "params.yaml", record / "smoke-params.yaml")
     params = main.params
-    environment = environment_record(params)
+    environment = environment_record(params, gpus)
     write_json(record / "environment.json", environment)
     deadline = clock0 + time_limit - PACK_RESERVE_S if time_limit else None
     runner = StageRunner(record, main.env, deadline=deadline, clock0=clock0)
@@ -82,17 +85,26 @@ def run_gpu(profile: str | os.PathLike = DEFAULT_PROFILE, output: str | os.PathL
                                "started": started, "time_limit_s": time_limit, "environment": environment}
 
     def save_timings() -> None:
-        timings.update(stages=runner.timings, phases=phase_times(runner.timings), elapsed_s=round(runner.elapsed(), 2))
+        phases = phase_times(runner.timings)
+        timings.update(stages=runner.timings, phases=phases, elapsed_s=round(runner.elapsed(), 2))
+        if "clock" in timings:
+            timings["clock"] = clock_record(predicted, clock_notes, phases)
         write_json(record / TIMINGS, timings)
         write_json(output / TIMINGS, timings)       # kept current: a run cut off from outside still tells
 
     runner.on_record = save_timings
     runner.say(f"matekd gpu-run: profile {profile} ({params.profile}), device {params.device}, "
                f"GPU {environment['gpu']}; work {work}, output {output}")
+    for line in gpu_lines:
+        runner.say(line)
+    predicted, clock_notes = predicted_phases(params)
+    for line in plan_lines(predicted):
+        runner.say(line)
+    timings["clock"] = clock_record(predicted, clock_notes, {})
     status, error = _run_stages(runner, main, smoke_project if smoke else None, bench or BenchOptions())
     timings.update(status=status, error=error,
                    **measurements(main.folder, params, paper, phase_times(runner.timings)))
-    table = results_table(main.folder, params)
+    table = results_table(main.folder, params, stopped=error)
     save_timings()
     write_text(record / RESULTS, table)
     write_text(output / RESULTS, table)
@@ -115,10 +127,12 @@ def run_gpu(profile: str | os.PathLike = DEFAULT_PROFILE, output: str | os.PathL
     return outcome
 
 
-def _project(folder: Path, raw: dict[str, Any], overrides: dict[str, Any], base_env: dict[str, str]) -> Project:
+def _project(folder: Path, raw: dict[str, Any], overrides: dict[str, Any], base_env: dict[str, str],
+             one_at_a_time: bool = False) -> Project:
     """A new project folder with its params.yaml (`raw` + `overrides`) and its stages' environment."""
     folder.mkdir()
-    return Project(folder, write_params(folder, raw, overrides), stage_env(base_env, folder.resolve()))
+    return Project(folder, write_params(folder, raw, overrides), stage_env(base_env, folder.resolve()),
+                   one_at_a_time)
 
 
 def _run_stages(runner: StageRunner, main: Project, smoke: Project | None,

@@ -1,6 +1,6 @@
 """Which stages run, in what order, where and with which environment: fetch, prepare (corrupt
-in the background once it ends), the smoke pass, then teachers, caches, method inputs,
-ablation, evaluate, report and bench."""
+in the background once it ends), the smoke pass beside the run, then teachers, caches, method
+inputs, ablation, evaluate, report and bench."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ class Project:
     folder: Path
     params: Any
     env: dict[str, str]
+    one_at_a_time: bool = False      # an exclusive compute mode: one process per GPU (preflight.check_gpus)
 
 
 @dataclass
@@ -80,35 +81,87 @@ def _pinned(env: dict[str, str], slot: str | None) -> dict[str, str]:
 
 
 def run_plan(runner: StageRunner, main: Project, smoke: Project | None, bench: BenchOptions) -> None:
-    """Every stage of the run in `main`, the smoke pass in `smoke` first (None: no smoke pass).
-    A failure before the run proper begins, with the smoke pass on, raises SmokeFailed."""
+    """Every stage of the run in `main`, and the smoke pass in `smoke` (None: no smoke pass)
+    beside it: the smoke pass's stages run one after another while the run's own go on, and a
+    failure of either stops both (SmokeFailed for the smoke pass's). With an exclusive GPU
+    (one process per GPU) the smoke pass runs first, before the run starts."""
     try:
-        corrupt = _prepare(runner, main, smoke)
+        _fetch(runner, main, smoke)
     except StageFailed as exc:
         if smoke is None:
             raise
         raise SmokeFailed(f"smoke pass failed, the run was not started: {exc}") from None
-    run_pipeline(runner, main, bench.args(), corrupt)
+    try:
+        corrupt = _prepare(runner, main, smoke)
+        run_pipeline(runner, main, bench.args(), corrupt)
+        if smoke is not None and not main.one_at_a_time:
+            runner.wait_for(lambda: runner.smoke_done)     # normally long over
+    except StageFailed as exc:
+        if exc.phase != "smoke":
+            raise
+        ran = "was not started" if main.one_at_a_time else "was stopped"
+        raise SmokeFailed(f"smoke pass failed, the run {ran}: {exc}") from None
 
 
-def _prepare(runner: StageRunner, main: Project, smoke: Project | None) -> Job:
-    """fetch (both folders), then prepare: the smoke pass runs beside it, corrupt starts in the
-    background when it ends (CPU work, beside everything that follows). Returns that corrupt."""
+def _fetch(runner: StageRunner, main: Project, smoke: Project | None) -> None:
+    """`matekd fetch` in both folders at once."""
     fetches = [runner.start("fetch", "fetch", ["fetch"], main.folder, main.env)]
     if smoke is not None:
         fetches.append(runner.start("smoke", "fetch", ["fetch"], smoke.folder, smoke.env))
     runner.wait(*fetches)
+
+
+def _prepare(runner: StageRunner, main: Project, smoke: Project | None) -> Job:
+    """prepare: corrupt starts in the background when it ends (CPU work, beside everything that
+    follows), and the smoke pass starts beside it (smoke_chain), or runs to its end first with
+    an exclusive GPU (smoke_run). Returns that corrupt."""
     background: list[Job] = []
 
     def start_corrupt(job: Job) -> None:
         background.append(runner.start("corrupt", "corrupt (background)", ["corrupt"], main.folder, main.env))
 
     prepare = runner.start("prepare", "prepare", ["prepare"], main.folder, main.env, on_done=start_corrupt)
-    if smoke is not None:
+    if smoke is not None and main.one_at_a_time:
         smoke_run(runner, smoke)
         runner.say("smoke pass ok: every stage ran on a few images; starting the run", at=runner.elapsed())
+    elif smoke is not None:
+        smoke_chain(runner, smoke)
     runner.wait(prepare)
     return background[0]
+
+
+def smoke_steps(smoke: Project) -> list[list[tuple[str, list[str]]]]:
+    """The smoke pass's stages, in steps whose stages run together: run_pipeline's order."""
+    teachers = list(smoke.params.teachers)
+    return [[("prepare", ["prepare"])],
+            [("corrupt", ["corrupt"]), *[(f"train-teacher {t}", ["train-teacher", t]) for t in teachers]],
+            [(f"cache {t}", ["cache", t]) for t in teachers],
+            [(f"method-inputs {m}", ["method-inputs", m]) for m in smoke.params.ablation.methods],
+            [("ablation", ["ablation"])], [("evaluate", ["evaluate"])], [("report", ["report"])],
+            [("bench", ["bench", *SMOKE_BENCH.args()])]]
+
+
+def smoke_chain(runner: StageRunner, smoke: Project) -> None:
+    """Start the smoke pass without waiting for it: each step's stages start when the step
+    before has ended (from the runner's poll, whoever is waiting); runner.smoke_done turns true
+    at the end. A failure fails fast as any stage's does."""
+    steps = smoke_steps(smoke)
+    runner.smoke_done = False
+    pending: list[Job] = []
+
+    def next_step(job: Job | None = None) -> None:
+        if job is not None:
+            pending.remove(job)
+            if pending:
+                return
+        if not steps:
+            runner.smoke_done = True
+            runner.say("smoke pass ok: every stage ran on a few images, beside the run", at=runner.elapsed())
+            return
+        pending.extend(runner.start("smoke", name, args, smoke.folder, smoke.env, on_done=next_step)
+                       for name, args in steps.pop(0))
+
+    next_step()
 
 
 def smoke_run(runner: StageRunner, smoke: Project) -> None:
@@ -123,17 +176,29 @@ def run_pipeline(runner: StageRunner, project: Project, bench_args: Sequence[str
     """The stages after prepare, in order; evaluate waits for `corrupt` (started in the
     background when prepare ended). `phase` names each phase (the smoke pass: all `smoke`)."""
 
-    def together(name: str, commands: list[tuple[str, list[str]]], envs: list[dict[str, str]] | None = None) -> None:
-        runner.run_all(phase(name), commands, project.folder, envs or [project.env] * len(commands))
+    def together(name: str, commands: list[tuple[str, list[str]]], envs: list[dict[str, str]] | None = None,
+                 gpu: bool = False) -> None:
+        envs = envs or [project.env] * len(commands)
+        if gpu and project.one_at_a_time:
+            for command, env in zip(commands, envs, strict=True):
+                runner.run_all(phase(name), [command], project.folder, [env])
+            return
+        runner.run_all(phase(name), commands, project.folder, envs)
 
     params = project.params
     slots = gpu_slots(params.device, project.env)
     teachers = list(params.teachers)
     pinned = [_pinned(project.env, slots[k % len(slots)]) for k in range(len(teachers))]
-    together("teachers", [(f"train-teacher {t}", ["train-teacher", t]) for t in teachers], pinned)
-    together("caches", [(f"cache {t}", ["cache", t]) for t in teachers], pinned)
+    together("teachers", [(f"train-teacher {t}", ["train-teacher", t]) for t in teachers], pinned, gpu=True)
+    together("caches", [(f"cache {t}", ["cache", t]) for t in teachers], pinned, gpu=True)
     together("method-inputs", [(f"method-inputs {m}", ["method-inputs", m]) for m in params.ablation.methods])
     together("ablation", [("ablation", ["ablation"])])
     runner.wait(corrupt)
-    for name, args in (("evaluate", ["evaluate"]), ("report", ["report"]), ("bench", ["bench", *bench_args])):
-        together(name, [(name, args)])
+    together("evaluate", [("evaluate", ["evaluate"])])
+    last = [("report", ["report"]), ("bench", ["bench", *bench_args])]
+    if project.one_at_a_time:
+        for name, args in last:
+            together(name, [(name, args)])
+        return
+    # The report (CPU: tables, figures) does not read the bench: both at once.
+    runner.wait(*[runner.start(phase(name), name, args, project.folder, project.env) for name, args in last])

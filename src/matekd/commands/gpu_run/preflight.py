@@ -4,12 +4,16 @@ else an error naming what is missing and how to fix it; then both folders made r
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ...errors import MatekdError
 from ..pack import SAFE_NAME, is_pack_file
 from .layout import LOOSE_FILES, WORK_MARKER
+from .machine import EXCLUSIVE_MODES, GpuState
+
+MEMORY_IN_USE_WARNING = 0.9     # free below this share of the total: another process holds the GPU
 
 
 def preflight(params: Any, env: dict[str, str], output: Path, work: Path) -> None:
@@ -39,6 +43,39 @@ def preflight(params: Any, env: dict[str, str], output: Path, work: Path) -> Non
     out, wk = output.resolve(), work.resolve()
     if out == wk or wk in out.parents or out in wk.parents:
         raise MatekdError(f"the output folder {output} and the work folder {work} must not contain each other")
+
+
+def check_gpus(device: str, states: Sequence[GpuState] | None,
+               visible: str | None = None) -> tuple[list[str], bool]:
+    """The lines preflight prints about the GPUs (compute mode, free memory), and whether the
+    stages that share a GPU must run one at a time. An exclusive compute mode admits one process
+    per GPU, and the runner starts the teachers (and their caches) together: they run one after
+    another there instead of failing. Raises MatekdError where no stage could use the GPU."""
+    if device == "cpu":
+        return [], False
+    if states is not None and visible is not None:     # CUDA_VISIBLE_DEVICES: only those count
+        ids = {v.strip() for v in visible.split(",") if v.strip()}
+        if ids and all(v.isdigit() for v in ids):     # indices (UUIDs: keep every GPU)
+            states = [g for g in states if g.index in ids]
+    if states is None:
+        return ["GPUs: nvidia-smi not available; compute mode and free memory unknown"], False
+    if not states:
+        if device == "cuda":
+            raise MatekdError("device is cuda but nvidia-smi lists no GPU")
+        return ["GPUs: none found by nvidia-smi; device auto runs the stages on the CPU"], False
+    prohibited = [g.index for g in states if g.compute_mode == "Prohibited"]
+    if prohibited:
+        raise MatekdError(f"GPU {', '.join(prohibited)} is in compute mode Prohibited: no process may use it "
+                          "(nvidia-smi -c DEFAULT, or hide it with CUDA_VISIBLE_DEVICES)")
+    lines = [g.line() for g in states]
+    for g in states:
+        if g.free_mib is not None and g.total_mib and g.free_mib < MEMORY_IN_USE_WARNING * g.total_mib:
+            lines.append(f"warning: GPU {g.index}: {g.total_mib - g.free_mib:,} MiB already in use by another "
+                         "process; the stages have less memory than the profile assumes")
+    one_at_a_time = any(g.compute_mode in EXCLUSIVE_MODES for g in states)
+    if one_at_a_time:
+        lines.append("exclusive compute mode: stages that would share a GPU (teachers, caches) run one at a time")
+    return lines, one_at_a_time
 
 
 def clear_output(output: Path) -> None:

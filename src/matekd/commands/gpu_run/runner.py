@@ -22,6 +22,10 @@ LOG_TAIL_LINES = 40       # of a failed stage's log, quoted in the error
 class StageFailed(MatekdError):
     """A stage exited with an error (the message names it and quotes its log)."""
 
+    def __init__(self, message: str, phase: str = ""):
+        super().__init__(message)
+        self.phase = phase          # the failed stage's phase ("smoke" for the smoke pass)
+
 
 class TimeLimitReached(MatekdError):
     """--time-limit ran out while stages were running (they were stopped)."""
@@ -54,6 +58,7 @@ class StageRunner:
     running: list[Job] = field(default_factory=list)
     timings: list[dict[str, Any]] = field(default_factory=list)
     on_record: Callable[[], None] | None = None         # called after every finished job
+    smoke_done: bool = True                             # plan.smoke_chain: false while the smoke pass runs
 
     def elapsed(self) -> float:
         return time.monotonic() - self.clock0
@@ -85,9 +90,13 @@ class StageRunner:
     def wait(self, *jobs: Job) -> None:
         """Until `jobs` have ended (others keep running). Raises StageFailed when any job fails
         and TimeLimitReached past the deadline; both stop every running job first."""
-        while any(j.status == "running" for j in jobs):
+        self.wait_for(lambda: all(j.status != "running" for j in jobs))
+
+    def wait_for(self, done: Callable[[], bool]) -> None:
+        """Poll every job (starting what their on_done starts) until `done()`; as `wait`."""
+        while not done():
             self.poll()
-            if any(j.status == "running" for j in jobs):
+            if not done():
                 if self.deadline is not None and time.monotonic() > self.deadline:
                     names = ", ".join(f"{j.phase}: {j.name}" for j in self.running)
                     self.stop_all("stopped: time limit")
@@ -104,7 +113,7 @@ class StageRunner:
             if code != 0:
                 self.stop_all("stopped: another stage failed")
                 raise StageFailed(f"{job.phase} stage `{job.name}` failed (exit {code}); log {job.log}:\n"
-                                  f"{log_tail(job.log)}")
+                                  f"{log_tail(job.log)}", job.phase)
             if job.on_done is not None:
                 job.on_done(job)
 

@@ -193,6 +193,11 @@ def summary_lines(timings: dict[str, Any]) -> list[str]:
                      f"from {phase['start_s']:.1f} s)")
     lines.append(f"  {'pack':<16} {timings.get('pack_seconds', 0):8.1f} s")
     lines.append(f"  {'total':<16} {timings.get('total_seconds', 0):8.1f} s")
+    clock = timings.get("clock") or {}
+    if clock.get("phases"):
+        from .clock import clock_lines
+
+        lines += clock_lines({k: v["predicted_s"] for k, v in clock["phases"].items()}, timings.get("phases", {}))
     costs = timings.get("epochs") or {}
     if costs.get("teachers") or costs.get("student_groups"):
         lines.append("Measured seconds per epoch (training only):")
