@@ -13,7 +13,7 @@ from matekd.models import build_model
 from matekd.params import Recipe
 from matekd.precision import active_precision, autocast, cpu_supports_bf16, resolve_precision, use_precision
 from matekd.train import model_input, prepare_model
-from test_train import _data, _fit
+from test_train import Crash, _data, _fit, crash_after_epoch
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 needs_cpu_bf16 = pytest.mark.skipif(not cpu_supports_bf16(),
@@ -80,16 +80,9 @@ def test_bf16_cpu_training_is_bit_identical_and_resumes_exactly(tmp_path):
         assert torch.equal(states[0][key], states[1][key]), key
     assert losses[0] == losses[1]
 
-    class Crash(Exception):
-        pass
-
-    def crash_after_epoch_1(epoch, records):
-        if epoch == 1:
-            raise Crash
-
     torch.manual_seed(5)
     with pytest.raises(Crash):
-        _fit(prepare_model(build_model("resnet20"), CPU), recipe, x, y, tmp_path, epoch_hook=crash_after_epoch_1)
+        _fit(prepare_model(build_model("resnet20"), CPU), recipe, x, y, tmp_path, epoch_hook=crash_after_epoch(1))
     torch.manual_seed(99)   # resume must not depend on the new process's initialisation
     resumed = prepare_model(build_model("resnet20"), CPU)
     _fit(resumed, recipe, x, y, tmp_path)

@@ -35,6 +35,17 @@ def _fit(model, recipe, x, y, tmp_path=None, digest="d", **kw):
     return result
 
 
+class Crash(Exception):
+    """A process dying at an epoch end (the checkpoint of that epoch is written)."""
+
+
+def crash_after_epoch(n: int):
+    def hook(epoch, records):
+        if epoch == n:
+            raise Crash
+    return hook
+
+
 def _loss(model, x, y):
     model.eval()
     with torch.no_grad():
@@ -60,17 +71,10 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):
     reference = build_model("resnet20")
     ref_result = _fit(reference, recipe, x, y)
 
-    class Crash(Exception):
-        pass
-
-    def crash_after_epoch_2(epoch, records):
-        if epoch == 2:
-            raise Crash
-
     torch.manual_seed(1)
     crashed = build_model("resnet20")
     with pytest.raises(Crash):
-        _fit(crashed, recipe, x, y, tmp_path, epoch_hook=crash_after_epoch_2)
+        _fit(crashed, recipe, x, y, tmp_path, epoch_hook=crash_after_epoch(2))
     assert safe_torch_load(tmp_path / "ckpt.pt")["epoch"] == 2
 
     torch.manual_seed(99)  # a fresh process would start from another init; resume must not care
