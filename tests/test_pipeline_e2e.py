@@ -9,7 +9,9 @@ small synthetic image-folder archive.
 
 from __future__ import annotations
 
+import csv
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,3 +147,23 @@ def test_changing_one_teacher_reruns_only_that_teacher(repo, tmp_path):
     assert "train_teacher@resnet56" in status and "train_teacher@resnet20" not in status, status
     proc = run(clone, "dvc", "repro", "train_teacher@resnet20", "train_teacher@resnet56")
     assert stages_run(proc.stdout) == ["train_teacher@resnet56"], proc.stdout
+
+
+def test_publish_study_copies_a_finished_report_with_provenance_and_stage_times(repo, first_repro, tmp_path):
+    out = tmp_path / "published"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "publish-study.py"
+    run(repo, sys.executable, str(script), str(repo), str(out))
+    assert (out / "results.md").read_text() == (repo / "reports" / "results.md").read_text()
+    assert (out / "results.csv").exists() and any((out / "figures").iterdir())
+    commit = run(repo, "git", "rev-parse", "HEAD").stdout.strip()
+    assert commit in (out / "provenance.md").read_text()
+    with open(out / "stage_times.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {"train_teacher", "ablation", "evaluate", "report"} <= {r["stage"] for r in rows}
+    assert all(float(r["wall_seconds"]) >= 0 for r in rows if r["status"] == "FINISHED")
+    # an unfinished pipeline is refused and nothing is written
+    clone = clone_repo(repo, tmp_path / "unfinished")
+    (clone / "params.yaml").write_text((clone / "params.yaml").read_text().replace("seed: 0", "seed: 1", 1))
+    refused = run(clone, sys.executable, str(script), str(clone), str(tmp_path / "nothing"), check=False)
+    assert refused.returncode == 1 and "not complete" in refused.stderr
+    assert not (tmp_path / "nothing").exists()
