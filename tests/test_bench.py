@@ -49,3 +49,36 @@ def test_bench_times_with_the_cudnn_settings_of_training(tmp_path, monkeypatch):
         run_bench(params, batch_size=8, repeats=1, warmup=1, together=2, output=tmp_path / "bench.json")
         assert seen[-1] is (not deterministic)      # what train.configure_determinism sets for training
     torch.use_deterministic_algorithms(False)
+
+
+def test_bench_times_fp32_beside_bf16_on_a_bf16_cpu_and_reports_the_configured_one(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from matekd import precision
+    from matekd.commands import bench
+
+    seen = []
+
+    def fake_steps(*args):
+        seen.append(precision.active_precision(torch.device("cpu")))
+        speed = 2.0 if seen[-1] == "bf16" else 1.0
+        entry = {"images_per_second": speed, "images_per_second_per_student": speed, "median_s": 1 / speed,
+                 "ratio_to_ce": 1.0}
+        return {"ce": entry, "mate_kd_cached": entry, "mate_kd_cached_x2": entry}
+
+    monkeypatch.setattr(bench, "_bench_steps", fake_steps)
+    for native, expected in ((True, ["fp32", "bf16"]), (False, ["fp32"])):
+        monkeypatch.setattr(bench, "cpu_supports_bf16", lambda native=native: native)
+        monkeypatch.setattr(precision, "cpu_supports_bf16", lambda native=native: native)
+        seen.clear()
+        report = run_bench(load_params(ROOT / "profiles" / "tiny.yaml", {"device": "cpu"}), batch_size=8,
+                           repeats=1, warmup=1, together=2, output=tmp_path / "bench.json")
+        assert seen == expected and list(report["by_precision"]) == expected
+        configured = "bf16" if native else "fp32"
+        assert report["precision"] == configured and report["steps"] == report["by_precision"][configured]
+        assert precision.active_precision(torch.device("cpu")) == configured   # left as training would use it
+    monkeypatch.setattr(bench, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: True)
+    run_bench(load_params(ROOT / "profiles" / "tiny.yaml", {"device": "cpu"}), batch_size=8, repeats=1, warmup=1,
+              together=2, output=tmp_path / "bench.json")
+    assert "bf16 gain" in capsys.readouterr().out.splitlines()[1]
