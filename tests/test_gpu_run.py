@@ -505,11 +505,12 @@ FAKE_PYTHON = """#!/usr/bin/env bash
 # Stands in for `python -m matekd.cli <stage> ...`: sleeps FAKE_DELAY; fails the stage FAKE_FAIL.
 stage="$3"
 if [[ "$stage" == "$FAKE_FAIL" ]]; then echo "fake failure of $stage"; exit 1; fi
-sleep "$FAKE_DELAY"
+if [[ "$stage" == fetch ]]; then exec sleep "${FAKE_FETCH_DELAY:-$FAKE_DELAY}"; fi
+exec sleep "$FAKE_DELAY"   # exec: stopping the stage stops the sleep
 """
 
 
-def _fake_plan(tmp_path, one_at_a_time=False, smoke_fail=""):
+def _fake_plan(tmp_path, one_at_a_time=False, smoke_fail="", main_delay="0.6"):
     from matekd.commands.gpu_run.plan import Project
     from matekd.commands.gpu_run.runner import StageRunner
 
@@ -520,7 +521,8 @@ def _fake_plan(tmp_path, one_at_a_time=False, smoke_fail=""):
     record.mkdir()
     params = SimpleNamespace(device="cpu", teachers={"a": None, "b": None}, ablation=SimpleNamespace(methods=["ce"]))
     projects = []
-    for name, env in (("main", {"FAKE_DELAY": "0.6"}), ("smoke", {"FAKE_DELAY": "0.2", "FAKE_FAIL": smoke_fail})):
+    main_env = {"FAKE_DELAY": main_delay, "FAKE_FETCH_DELAY": "0.6"}
+    for name, env in (("main", main_env), ("smoke", {"FAKE_DELAY": "0.2", "FAKE_FAIL": smoke_fail})):
         (tmp_path / name).mkdir()
         projects.append(Project(tmp_path / name, params, {**os.environ, **env}, one_at_a_time))
     return StageRunner(record, projects[0].env, python=str(python)), *projects
@@ -558,7 +560,9 @@ def test_the_smoke_pass_runs_beside_the_run(tmp_path, capsys):
 def test_a_smoke_stage_failing_beside_the_run_stops_everything(tmp_path, stage, name):
     from matekd.commands.gpu_run.plan import SmokeFailed, run_plan
 
-    runner, main, smoke = _fake_plan(tmp_path, smoke_fail=stage)
+    # The run's stages last long enough that one is surely in flight when the smoke stage fails,
+    # however loaded the machine (at 0.6 s a busy CI box could finish them all first).
+    runner, main, smoke = _fake_plan(tmp_path, smoke_fail=stage, main_delay="30")
     with pytest.raises(SmokeFailed, match=f"smoke pass failed, the run was stopped: smoke stage `{name}`"):
         run_plan(runner, main, smoke, gpu_run.BenchOptions())
     assert not runner.running
