@@ -59,10 +59,9 @@ def _time_steps(step_fn, model, images, labels, batch_size, slots, repeats, warm
     return times
 
 
-def bench_precisions(params: Params, device: torch.device) -> list[str]:
+def bench_precisions(configured: str, device: torch.device) -> list[str]:
     """The precisions to time: the configured one, and on a bf16-capable CPU both fp32 and bf16
     side by side (the CPU is where the choice is a trade-off worth seeing)."""
-    configured = resolve_precision(params.precision, device)
     if device.type == "cpu" and cpu_supports_bf16():
         return ["fp32", "bf16"]
     return [configured]
@@ -78,7 +77,7 @@ def run_bench(params: Params, batch_size: int | None = None, repeats: int = 20, 
     together = together or max(params.ablation.group_size, 4)
     configured = resolve_precision(params.precision, device)
     by_precision = {}
-    for precision in bench_precisions(params, device):
+    for precision in bench_precisions(configured, device):
         use_precision(precision, device)
         by_precision[precision] = _bench_steps(params, device, batch_size, repeats, warmup, together)
     use_precision(configured, device)

@@ -36,8 +36,7 @@ def prepare_device(params: Params, seed: int | None = None) -> torch.device:
 def stage_tags(params: Params, device: torch.device, data_hash: str | None) -> dict[str, Any]:
     """The tags every tracked run of a stage carries."""
     return {"profile": params.profile, "device": device_name(device), "precision": active_precision(device),
-            "params_sha256": params.digest(),
-            "dataset_sha256": data_hash or "none"}
+            "params_sha256": params.digest(), "dataset_sha256": data_hash or "none"}
 
 
 def tracked_run(params: Params, *, run_name: str, stage: str, log_params: dict[str, Any], tags: dict[str, Any],
