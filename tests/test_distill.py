@@ -1,4 +1,5 @@
-"""MATE-KD maths: similarity, teacher weights, loss, tau schedule, weight statistics."""
+"""MATE-KD maths: similarity, teacher weights, the loss (through losses.method_loss, as training
+computes it), tau schedule, weight statistics."""
 
 from __future__ import annotations
 
@@ -12,24 +13,37 @@ from torch import nn
 
 from matekd import methods as method_table
 from matekd.attribution import model_cam
-from matekd.distill import (
-    WEIGHTING_RULES,
+from matekd.losses import LossInputs, attribution_error, cross_entropy, distillation, method_loss
+from matekd.params import Recipe, distill_params
+from matekd.weighting import (
     WeightingInputs,
     confidence_weights,
     effective_tau,
     final_tau,
     histogram_edges,
-    loss_terms,
-    mate_kd_loss,
     relative_entropy,
     similarity,
     tau_at_epoch,
     teacher_weights,
-    weigh,
     weight_statistics,
 )
 
 torch.set_num_threads(1)
+RECIPE = Recipe(epochs=3, batch_size=8, lr=0.1)
+
+
+def mate_kd_loss(s, t, y, w, sm, tm, temp, alpha, beta, map_norm="max"):
+    """MATE-KD's terms and total as 0-dim tensors {total, ce, kd, attr}, through the loss
+    function training calls; a term the method does not compute (attr when beta = 0) is 0.
+    Without teachers (t None) it is the `ce` method, which alpha = 1 means."""
+    values = distill_params(recipe=RECIPE, kd_temperature=temp, ce_weight=alpha, attribution_weight=beta,
+                            map_norm=map_norm)
+    if t is None and alpha != 1:
+        raise ValueError("teacher logits and weights are required unless ce_weight == 1")
+    method = method_table.get("ce" if t is None else "mate_kd")
+    means, total = method_loss(method, LossInputs(s, y, t, w, None, sm, tm), values)
+    zero = total.new_zeros(())
+    return {"total": total[0], **{k: means[k][0] if k in means else zero for k in ("ce", "kd", "attr")}}
 
 
 class TinyStudent(nn.Module):
@@ -204,8 +218,8 @@ def test_total_is_the_combination_and_beta_zero() -> None:
     zero = mate_kd_loss(s, t, y, w, sm, bad_maps, 4.0, 0.3, 0.0)
     assert zero["attr"].dim() == 0 and zero["attr"].item() == 0.0
     torch.testing.assert_close(zero["total"], 0.3 * out["ce"] + 0.7 * out["kd"])
-    none = mate_kd_loss(s, t, y, w, None, None, 4.0, 0.3, 0.25)
-    assert none["attr"].item() == 0.0
+    with pytest.raises(ValueError, match="maps"):     # beta > 0 without maps: refused, not silently 0
+        mate_kd_loss(s, t, y, w, None, None, 4.0, 0.3, 0.25)
     with pytest.raises(ValueError):
         mate_kd_loss(s, t, y, w, sm, bad_maps, 4.0, 0.3, 0.25)
     # Plain CE baseline: no teachers needed when ce_weight == 1.
@@ -391,13 +405,13 @@ def test_confidence_weights_match_an_independent_float64_implementation(teachers
 
 def test_confidence_weights_are_the_ca_mkd_method_rule() -> None:
     row = method_table.get("ca_mkd")
-    assert row.teachers == "all" and row.weighting == "confidence" and not row.attribution_loss
+    assert row.teachers == "all" and row.weighting == "confidence" and "attr" not in row.terms and not row.maps
     logits = torch.randn(3, 5, 10)
     labels = torch.randint(0, 10, (5,))
-    w, sim = weigh(row.weighting, WeightingInputs(logits, labels))
+    w, sim = row.weigh(WeightingInputs(logits, labels), distill_params(recipe=RECIPE), 0)
     torch.testing.assert_close(w, confidence_weights(logits, labels))
     assert sim is None
-    assert set(WEIGHTING_RULES) >= {m.weighting for m in method_table.METHODS.values() if m.has_kd}
+    assert all(m.weigh is not None for m in method_table.METHODS.values() if m.has_kd)
 
 
 def test_loss_terms_are_the_per_sample_parts_of_the_loss() -> None:
@@ -406,7 +420,7 @@ def test_loss_terms_are_the_per_sample_parts_of_the_loss() -> None:
     y = torch.randint(0, 10, (6,), generator=gen)
     w = torch.softmax(torch.randn(3, 6, generator=gen), 0)
     sm, tm = torch.rand(6, 8, 8, generator=gen), torch.rand(3, 6, 8, 8, generator=gen)
-    per = loss_terms(s, t, y, w, sm, tm, 2.0)
+    per = {"ce": cross_entropy(s, y), "kd": distillation(s, t, w, 2.0), "attr": attribution_error(sm, tm, w)}
     loss = mate_kd_loss(s, t, y, w, sm, tm, 2.0, 0.3, 0.1)
     for key in ("ce", "kd", "attr"):
         assert per[key].shape == (6,)
@@ -414,13 +428,11 @@ def test_loss_terms_are_the_per_sample_parts_of_the_loss() -> None:
 
 
 def test_effective_and_final_tau_follow_the_schedule() -> None:
-    from matekd.params import DistillParams, Recipe
-
-    d = DistillParams(recipe=Recipe(epochs=10, batch_size=8, lr=0.1), similarity_temperature=1.0,
-                      similarity_temperature_end=0.2, similarity_schedule_epochs=4)
+    d = distill_params(recipe=Recipe(epochs=10, batch_size=8, lr=0.1), similarity_temperature=1.0,
+                       similarity_temperature_end=0.2, similarity_schedule_epochs=4)
     assert effective_tau(d, 0) == 1.0 and effective_tau(d, 2) == pytest.approx(0.6)
     assert final_tau(d) == pytest.approx(0.2)          # evaluate weighs with what training ended on
-    assert final_tau(DistillParams(recipe=Recipe(epochs=3, batch_size=8, lr=0.1))) == 0.2
+    assert final_tau(distill_params(recipe=Recipe(epochs=3, batch_size=8, lr=0.1))) == 0.2
 
 
 def test_weight_statistics_per_student_and_relative_entropy() -> None:

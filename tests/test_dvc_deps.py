@@ -24,6 +24,9 @@ PACKAGE = "matekd"
 #   tracking  MLflow / offline run records only; no stage reads anything back from it
 #   cli       argparse dispatch: it parses the command line and calls the stage function
 EXCLUDED = ("matekd.errors", "matekd.tracking", "matekd.cli")
+# Packages whose __init__ imports every module they hold at run time (importlib), so importing
+# the package runs all of them: matekd.methods loads each method's module, a new one included.
+AUTOLOADING = ("matekd.methods",)
 
 
 def _excluded(module: str) -> bool:
@@ -74,6 +77,8 @@ def import_closure(module: str, src: Path = SRC) -> set[Path]:
             continue
         seen[name] = path
         todo += sorted(imported_modules(name, path, src))
+        if name in AUTOLOADING:
+            todo += sorted(f"{name}.{p.stem}" for p in path.parent.glob("*.py") if p.name != "__init__.py")
     return {p.relative_to(src.parent) for p in seen.values()}
 
 
@@ -228,6 +233,31 @@ def test_every_listed_param_is_defined(params_file):
     assert not missing, f"{params_file.relative_to(ROOT)} lacks keys that dvc.yaml lists: {missing}"
 
 
+# The stages a method's values reach (method_inputs@<m> records them, distill trains with them)
+# list every registered method hyperparameter (matekd.methods declares them; `--write` rewrites
+# these lines too): a new method's hyperparameter needs no hand edit of dvc.yaml.
+HYPERPARAMETER_STAGES = ("method_inputs", "distill")
+
+
+def hyperparameter_keys() -> list[str]:
+    from matekd import methods
+
+    return [f"distill.{name}" for name in methods.HYPERPARAMETERS]
+
+
+@pytest.mark.parametrize("name", HYPERPARAMETER_STAGES)
+def test_stages_list_every_method_hyperparameter(name):
+    registered = hyperparameter_keys()
+    listed = [key for key in STAGES[name].get("params", []) if isinstance(key, str)]
+    assert [k for k in listed if k in registered] == registered, (
+        f"dvc.yaml stage {name} must list {registered}; run `python tests/test_dvc_deps.py --write`")
+    hyperparameter_like = {k for k in listed if k.startswith("distill.") and k.count(".") == 1}
+    from matekd.params import DistillParams
+
+    shared = {f"distill.{f}" for f in DistillParams.model_fields}
+    assert hyperparameter_like - shared <= set(registered), "a listed distill key no method declares"
+
+
 # `python tests/test_dvc_deps.py` prints each stage's source deps as dvc.yaml should list them;
 # `--write` puts them into dvc.yaml in place (only the `- src/...` lines of each stage change).
 
@@ -244,10 +274,21 @@ def expected_deps(closure: set[Path], root: Path = ROOT) -> list[str]:
     return sorted(kept + whole)
 
 
+def stage_key(key: str) -> bool:
+    """A `distill.*` key that is no shared key and no registered hyperparameter: a removed
+    method's, dropped by --write."""
+    from matekd.params import DistillParams
+
+    name = key.removeprefix("distill.")
+    return name not in DistillParams.model_fields and key not in hyperparameter_keys()
+
+
 def rewrite_dvc_yaml(path: Path = ROOT / "dvc.yaml") -> str:
     import re
 
     commands = command_modules()
+    registered = hyperparameter_keys()
+    inserted: set[str] = set()
     lines = path.read_text().splitlines(keepends=True)
     out: list[str] = []
     stage = None
@@ -264,6 +305,14 @@ def rewrite_dvc_yaml(path: Path = ROOT / "dvc.yaml") -> str:
                 i += 1
             closure = import_closure(commands[stage_command(STAGES[stage]["cmd"])])
             out += [f"{indent}- {d}\n" for d in expected_deps(closure)]
+            continue
+        param = re.match(r"^(\s+)- (distill\.\w+)\s*$", line)
+        if param and stage in HYPERPARAMETER_STAGES and (param.group(2) in registered or stage_key(param.group(2))):
+            # the registered hyperparameters, in registry order, where the first of them stood
+            if stage not in inserted:
+                out += [f"{param.group(1)}- {k}\n" for k in registered]
+                inserted.add(stage)
+            i += 1
             continue
         out.append(line)
         i += 1

@@ -203,7 +203,7 @@ def test_temp_experiment_reruns_only_what_kd_temperature_reaches(repo, tmp_path)
     proc = run(clone, "dvc", "exp", "run", "--temp", "-S", f"distill.kd_temperature={new}")
     ran = set(stages_run(proc.stdout))
     reached = {f"ablation@{m}-{s}" for m in params["ablation"]["methods"] for s in params["ablation"]["seeds"]
-               if "kd_temperature" in method_table.get(m).hyperparameters}
+               if "kd_temperature" in method_table.get(m).hyperparameter_names}
     assert reached, "no method of ablation.methods uses kd_temperature"
     expected = ({f"method_inputs@{m}" for m in params["ablation"]["methods"]} | reached
                 | {"distill", "evaluate", "report"})

@@ -264,6 +264,31 @@ def test_run_evaluate_writes_every_model(stage_files) -> None:
     assert (stage_files / "reports" / "figures" / "gradcam-student-distill.png").exists()
 
 
+def test_each_student_is_analysed_with_the_values_it_trained_with(stage_files) -> None:
+    """With ablation.tuned a student trained with its method's tuned values (methods/<m>.json
+    records them): its Grad-CAM analysis uses those, not the shared distill.* values."""
+    from matekd.models import build_model
+    from matekd.storage import save_tensors, write_json
+
+    params = tiny_params(stage_files)
+    torch.manual_seed(1)
+    save_tensors("models/student/mate_kd-seed0.safetensors", build_model("resnet20").state_dict(),
+                 {"architecture": "resnet20", "method": "mate_kd", "seed": "0"})
+    write_json(stage_files / "methods" / "mate_kd.json", {
+        "method": "mate_kd", "values": {"distill.similarity_temperature": 0.7, "distill.similarity": "pearson",
+                                        "distill.similarity_temperature_end": 0.35,
+                                        "distill.similarity_schedule_epochs": 2},
+        "recipe": {"distill.recipe.epochs": 5}, "tuned": {"from": "tuning/best/mate_kd.yaml", "trials": 3}})
+    evaluate_stage.run_evaluate(params)
+    out = stage_files / "metrics" / "eval"
+    tuned = json.loads((out / "gradcam-student-mate_kd-seed0.json").read_text())
+    assert tuned["tau"] == pytest.approx(0.35) and tuned["similarity"] == "pearson"   # its schedule's last value
+    shared = json.loads((out / "gradcam-student-distill.json").read_text())             # the distill stage's
+    assert shared["tau"] == params.distill.similarity_temperature and shared["similarity"] == "cosine"
+    baseline = json.loads((out / "gradcam-student-ce-seed0.json").read_text())          # no file: shared values
+    assert baseline["tau"] == params.distill.similarity_temperature
+
+
 def test_evaluate_stopped_part_way_keeps_every_finished_model(stage_files, monkeypatch) -> None:
     """The students are evaluated first and each finished model is written at once: a stop
     while the second teacher is evaluated leaves the students' and the first teacher's numbers
@@ -296,7 +321,7 @@ def test_fused_prediction_groups_give_each_models_own_logits() -> None:
     fused predictor are exercised here on the CPU by asking for it explicitly."""
     from matekd.evaluation import _FusedPredictor, prediction_groups
     from matekd.models import build_model
-    from matekd.train import predict_logits
+    from matekd.training.loop import predict_logits
 
     models = {}
     for seed in range(3):

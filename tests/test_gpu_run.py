@@ -38,7 +38,8 @@ from matekd.commands.pack import (
 )
 from matekd.errors import MatekdError
 from matekd.params import load_params
-from matekd.students import ablation_specs, plan_groups
+from matekd.training.groups import plan_groups
+from matekd.training.students import ablation_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET = ROOT / "profiles" / "budget.yaml"
@@ -386,7 +387,7 @@ def _json(path: Path, content: dict) -> None:
 def test_results_table_of_a_cut_run_shows_every_finished_number(tmp_path):
     """Evaluated models from metrics/eval-partial/ (evaluate was stopped), the others with their
     training-time test accuracy (marked *), the untrained left blank; the lines below say so."""
-    from matekd.commands.gpu_run.results import results_table
+    from matekd.commands.gpu_run.outputs import results_table
 
     recipe = {"epochs": 1, "batch_size": 16, "lr": 0.05}
     params = load_params(BUDGET, {"teachers": {"resnet20": recipe, "resnet56": recipe},
@@ -432,7 +433,7 @@ NVIDIA_SMI = """0, NVIDIA H200, Default, 140123, 143771
 
 
 def test_gpu_states_are_read_from_nvidia_smi():
-    from matekd.commands.gpu_run.machine import GpuState, parse_gpu_states
+    from matekd.commands.gpu_run.measure import GpuState, parse_gpu_states
 
     states = parse_gpu_states(NVIDIA_SMI + "\nWARNING: infoROM is corrupted at gpu 0000:00:00.0\n")
     assert states == [GpuState("0", "NVIDIA H200", "Default", 140123, 143771),
@@ -443,8 +444,8 @@ def test_gpu_states_are_read_from_nvidia_smi():
 
 
 def test_preflight_checks_compute_mode_and_free_memory():
-    from matekd.commands.gpu_run.machine import parse_gpu_states
-    from matekd.commands.gpu_run.preflight import check_gpus
+    from matekd.commands.gpu_run.command import check_gpus
+    from matekd.commands.gpu_run.measure import parse_gpu_states
 
     states = parse_gpu_states(NVIDIA_SMI)
     assert check_gpus("cpu", states) == ([], False)           # the CPU: nothing asked, nothing said
@@ -483,7 +484,7 @@ class _RecordingRunner:
 
 @pytest.mark.parametrize("one_at_a_time", [False, True])
 def test_an_exclusive_gpu_runs_the_teachers_and_caches_one_at_a_time(tmp_path, one_at_a_time):
-    from matekd.commands.gpu_run.plan import Project, run_pipeline
+    from matekd.commands.gpu_run.plan import PIPELINE, Project, run_pipeline
 
     params = SimpleNamespace(device="cuda", teachers={"a": None, "b": None}, ablation=SimpleNamespace(methods=["ce"]))
     project = Project(tmp_path, params, {"CUDA_VISIBLE_DEVICES": "0"}, one_at_a_time)
@@ -496,6 +497,46 @@ def test_an_exclusive_gpu_runs_the_teachers_and_caches_one_at_a_time(tmp_path, o
     else:
         assert teachers == [["train-teacher a", "train-teacher b"]] and caches == [["cache a", "cache b"]]
     assert [p for p, _ in runner.batches][-4:] == ["ablation", "evaluate", "report", "bench"]
+    # in PIPELINE's order (prepare and corrupt are started before, by run_plan)
+    assert list(dict.fromkeys(p for p, _ in runner.batches)) == [
+        p for p, _, _ in PIPELINE if p not in ("prepare", "corrupt")]
+
+
+def _dvc_paths(entries) -> list[str]:
+    """The paths of a dvc.yaml deps, outs, metrics or plots list (a path, or {path: options})."""
+    return [e if isinstance(e, str) else next(iter(e)) for e in entries or ()]
+
+
+def _overlap(a: str, b: str) -> bool:
+    """One path is the other or inside it (a ${...} part stands for any name)."""
+    return all(x == y or "${" in x + y for x, y in zip(a.split("/"), b.split("/")))
+
+
+def test_the_runners_stage_order_is_one_dvc_yaml_allows():
+    """PIPELINE, the runner's one list of stages, against dvc.yaml: every DVC stage but distill
+    (the one configured student; ablation trains every method's) and bench (not a DVC stage),
+    each after the stages whose outputs it reads; and nothing the background corrupt writes is
+    read before evaluate, which waits for it."""
+    from matekd.commands.gpu_run.plan import PIPELINE
+
+    stages = {name: stage.get("do", stage) for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())[
+        "stages"].items()}
+    order = [command.replace("-", "_") for _, command, _ in PIPELINE]
+    assert set(stages) - set(order) == {"distill"} and set(order) - set(stages) == {"bench"}
+    outs = {name: [p for key in ("outs", "metrics", "plots") for p in _dvc_paths(stage.get(key))]
+            for name, stage in stages.items()}
+
+    def makers(stage: str) -> set[str]:
+        """The DVC stages whose outputs `stage` reads."""
+        return {other for other, paths in outs.items() if other != stage
+                for dep in _dvc_paths(stages[stage]["deps"]) if any(_overlap(dep, p) for p in paths)}
+
+    for k, stage in enumerate(order):
+        if stage in stages:
+            assert makers(stage) - {"distill"} <= set(order[:k]), (stage, makers(stage))
+    assert makers("evaluate") >= {"corrupt", "train_teacher", "ablation"}         # the check sees deps
+    background = order[order.index("corrupt") + 1:order.index("evaluate")]
+    assert background and not any("corrupt" in makers(stage) for stage in background)
 
 
 # --------------------------------------------------------------------------------------
@@ -644,7 +685,7 @@ def test_the_import_blocker_blocks(tmp_path):
 
 def test_offline_tracking_tries_mlflow_once_per_module_without_it(tmp_path):
     path, log = import_blocker(tmp_path / "blocker")
-    code = ("from matekd.tracking._base import name_problem\n"
+    code = ("from matekd.tracking.interface import name_problem\n"
             "assert [name_problem('metric', k) for k in ('a', 'b', 'c')] == [None] * 3\n"
             "assert 'letters' not in (name_problem('metric', 'bad|key') or 'letters')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -840,7 +881,7 @@ def test_runner_stopped_inside_evaluate_packs_every_finished_number(tmp_path):
 
 
 def test_the_plans_clock_predicts_each_phase_from_the_h100_rates():
-    from matekd.commands.gpu_run.clock import (
+    from matekd.commands.gpu_run.measure import (
         CACHED_STEP_RATE,
         FUSED_SPEEDUP,
         H100_RATES,

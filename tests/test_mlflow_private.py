@@ -12,7 +12,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.utils import mlflow_tags, validation
 
-from matekd.tracking import _base, client_for, mlflow_private, models
+from matekd.tracking import client_for, interface, mlflow_private, models
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ def test_mlflow_validators_accept_and_refuse_keys(kind):
     for bad in ("bad!name", "../up", "/absolute"):
         problem = mlflow_private.mlflow_name_problem(kind, bad)
         assert problem and problem.startswith(f"{kind} key {bad!r}: "), (bad, problem)
-    assert _base.name_problem(kind, "bad!name") == mlflow_private.mlflow_name_problem(kind, "bad!name")
+    assert interface.name_problem(kind, "bad!name") == mlflow_private.mlflow_name_problem(kind, "bad!name")
 
 
 def test_context_tags_come_from_mlflows_providers_without_git(monkeypatch):
@@ -103,11 +103,12 @@ def test_relocate_store_rewrites_the_artifact_locations_of_a_copied_store(tmp_pa
 
 
 def test_mirrored_constants_equal_mlflows():
-    assert _base.DATASET_CONTEXT_TAG == mlflow_tags.MLFLOW_DATASET_CONTEXT
+    assert interface.DATASET_CONTEXT_TAG == mlflow_tags.MLFLOW_DATASET_CONTEXT
     assert models.MODEL_VERSIONS_TAG == mlflow_tags.MLFLOW_MODEL_VERSIONS
-    assert (_base.MAX_KEY_LENGTH, _base.MAX_PARAM_VALUE_LENGTH, _base.MAX_TAG_VALUE_LENGTH) == (
+    assert (interface.MAX_KEY_LENGTH, interface.MAX_PARAM_VALUE_LENGTH, interface.MAX_TAG_VALUE_LENGTH) == (
         validation.MAX_ENTITY_KEY_LENGTH, validation.MAX_PARAM_VAL_LENGTH, validation.MAX_TAG_VAL_LENGTH)
-    assert (_base.MAX_PARAMS_TAGS_PER_BATCH, _base.MAX_METRICS_PER_BATCH, _base.MAX_DATASET_DIGEST_SIZE) == (
+    assert (interface.MAX_PARAMS_TAGS_PER_BATCH, interface.MAX_METRICS_PER_BATCH,
+            interface.MAX_DATASET_DIGEST_SIZE) == (
         validation.MAX_PARAMS_TAGS_PER_BATCH, validation.MAX_METRICS_PER_BATCH, validation.MAX_DATASET_DIGEST_SIZE)
     # the characters matekd refuses in model names before MLflow would
     for char in models.LOGGED_MODEL_BAD_CHARS:

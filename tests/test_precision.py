@@ -12,7 +12,7 @@ from matekd.errors import MatekdError
 from matekd.models import build_model
 from matekd.params import Recipe
 from matekd.precision import active_precision, autocast, cpu_supports_bf16, resolve_precision, use_precision
-from matekd.train import model_input, prepare_model
+from matekd.training.loop import model_input, prepare_model
 from test_train import Crash, _data, _fit, crash_after_epoch
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")

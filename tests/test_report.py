@@ -54,9 +54,10 @@ ENTROPY = {"mate_kd_noattr-seed0": 0.95, "mate_kd-seed0": 0.90, "mate_kd-seed1":
 @contextlib.contextmanager
 def dummy_method():
     """A method registered only while the report is built: it must appear from the table alone."""
+    ca_mkd = method_table.get("ca_mkd")
     method_table.register(method_table.Method(
-        name=DUMMY, teachers="all", weighting="confidence", attribution_loss=False,
-        hyperparameters=("kd_temperature", "ce_weight"), summary="test-only method"))
+        name=DUMMY, teachers="all", weighting="confidence", weigh=ca_mkd.weigh, loss=ca_mkd.loss, terms=ca_mkd.terms,
+        hyperparameters=ca_mkd.hyperparameters, summary="test-only method"))
     try:
         yield DUMMY
     finally:

@@ -27,18 +27,13 @@ from matekd.stages.cache import run_cache
 from matekd.stages.distill import run_distill
 from matekd.stages.prepare import run_prepare
 from matekd.storage import load_tensors, read_json, save_tensors
-from matekd.students import (
-    logged_params,
-    plan_groups,
-    resolve_spec,
-    run_name,
-    spec_teachers,
-    term_names,
-    train_students,
-)
 from matekd.teachers import load_teacher
 from matekd.tracking import NullRun
-from matekd.train import PAD, model_input
+from matekd.training import groups as training_groups
+from matekd.training.groups import plan_groups
+from matekd.training.loop import PAD, model_input
+from matekd.training.step import logged_terms
+from matekd.training.students import logged_params, resolve_spec, run_name, spec_teachers, train_students
 from matekd.tuned import write_tuned_values
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,7 +102,7 @@ def test_teacher_weight_figures_are_drawn_after_training(workspace):
     import numpy as np
 
     from matekd.plotting import figure_to_array
-    from matekd.students import histogram_figure
+    from matekd.report.weight_histograms import histogram_figure
 
     root, params = workspace
     params = params.model_copy(deep=True)
@@ -146,14 +141,14 @@ def test_every_method_trains_one_epoch_and_logs_only_its_terms(workspace, method
     steps = [m for step, m in recorder.metrics if any(k.startswith("step/") for k in m)]
     epochs = [m for step, m in recorder.metrics if "val_acc" in m]
     assert steps and len(epochs) == 1
-    expected = term_names(row, spec_teachers(resolve_spec(params, method, 0, "x"), params))
+    expected = logged_terms(row, spec_teachers(resolve_spec(params, method, 0, "x"), params))
     assert {k.removeprefix("step/") for k in steps[-1]} - {"lr", "loss"} == expected
     assert {k.removeprefix("train_") for k in epochs[0] if k.startswith("train_") and k != "train_acc"} \
         - {"loss"} == expected
-    assert ("train_kd" in epochs[0]) == row.has_kd and ("train_attr" in epochs[0]) == row.attribution_loss
+    assert ("train_kd" in epochs[0]) == row.has_kd and ("train_attr" in epochs[0]) == ("attr" in row.terms)
     if row.has_kd:
         assert epochs[0]["train_kd"] > 0
-    if row.attribution_loss:
+    if "attr" in row.terms:
         assert epochs[0]["train_attr"] > 0
     if row.per_sample_weights:
         for name in params.teachers:
@@ -164,7 +159,7 @@ def test_every_method_trains_one_epoch_and_logs_only_its_terms(workspace, method
         assert recorder.images == []
     # the run logs the params this method used: the ce run has no attribution weight, no KD temperature
     logged = kwargs["params"]
-    assert ("distill.attribution_weight" in logged) == ("attribution_weight" in row.hyperparameters)
+    assert ("distill.attribution_weight" in logged) == ("attribution_weight" in row.hyperparameter_names)
     assert ("distill.kd_temperature" in logged) == row.has_kd
     assert kwargs["run_name"].startswith(f"ablation {method} seed0")
     weights = root / "models" / "student" / f"{method}-seed0.safetensors"
@@ -299,7 +294,7 @@ def test_cached_teacher_logits_train_like_online_ones(workspace, monkeypatch, tm
 def test_used_variants_are_exactly_those_the_training_loop_draws():
     from matekd.augment import num_variants
     from matekd.cache import used_variants
-    from matekd.train import epoch_augmentation
+    from matekd.training.loop import epoch_augmentation
 
     params = load_params(ROOT / "profiles" / "tiny.yaml", {"distill.seed": 1, "ablation.seeds": [1, 2],
                                                            "distill.recipe.epochs": 2})
@@ -393,13 +388,13 @@ def test_an_ablation_group_trains_once_and_each_stage_writes_its_member(workspac
     p.ablation.methods = ["ce", "mtkd_equal", "ca_mkd"]
     p.ablation.group_size = 3
     calls = []
-    real = distill_stage.train_students
+    real = training_groups.train_students
 
     def counting(params, specs, *args, **kwargs):
         calls.append([s.output for s in specs])
         return real(params, specs, *args, **kwargs)
 
-    monkeypatch.setattr(distill_stage, "train_students", counting)
+    monkeypatch.setattr(training_groups, "train_students", counting)
     opened = _recording(monkeypatch)
     stores = root / "checkpoints" / "groups"
     first = run_distill(p, method="mtkd_equal", seed=0, ablation=True, progress=False)
@@ -468,9 +463,10 @@ def test_run_names_are_unique_and_logged_params_are_the_methods_own(workspace):
 @pytest.fixture
 def dummy_method():
     """A method registered only here: the rest of the code must pick it up from the table."""
+    kd = method_table.get("mtkd_equal")
     row = method_table.register(method_table.Method(
-        name="dummy_equal2", teachers="all", weighting="equal", attribution_loss=False,
-        hyperparameters=("kd_temperature", "ce_weight"), summary="test-only: equal weights"))
+        name="dummy_equal2", teachers="all", weighting="equal", weigh=kd.weigh, loss=kd.loss, terms=kd.terms,
+        hyperparameters=kd.hyperparameters, summary="test-only: equal weights"))
     try:
         yield row
     finally:
@@ -492,7 +488,7 @@ def test_a_registered_method_needs_no_edit_outside_the_table(workspace, dummy_me
 
 
 def test_round_robin_assignment_of_groups_to_devices():
-    from matekd.train import assign_round_robin
+    from matekd.training.loop import assign_round_robin
 
     plan = assign_round_robin(["g0", "g1", "g2", "g3", "g4"], ["cuda:0", "cuda:1"])
     assert plan == [("cuda:0", ["g0", "g2", "g4"]), ("cuda:1", ["g1", "g3"])]

@@ -17,16 +17,16 @@ from matekd.errors import MatekdError, TrackingError
 from matekd.tracking import (
     MlflowRun,
     NullRun,
-    _base,
     artifact_root,
     git_state,
+    mlflow_store,
     offline_root,
     start_run,
     tracking_enabled,
     tracking_mode,
     tracking_uri,
 )
-from matekd.tracking.context import host_identity
+from matekd.tracking.lifecycle import host_identity
 from test_tracking_common import fresh_store
 
 torch.set_num_threads(1)
@@ -253,7 +253,7 @@ def test_ctrl_c_marks_the_run_killed(client) -> None:
 @pytest.fixture
 def no_sleep(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     slept: list[float] = []
-    monkeypatch.setattr(_base, "_sleep", slept.append)
+    monkeypatch.setattr(mlflow_store, "_sleep", slept.append)
     return slept
 
 

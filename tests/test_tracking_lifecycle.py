@@ -28,8 +28,7 @@ from matekd.tracking import (
     tracking_uri,
     workspace_root,
 )
-from matekd.tracking.context import host_identity, owned_by_dead_process
-from matekd.tracking.mlflow_store import STALE_TAG
+from matekd.tracking.lifecycle import STALE_TAG, host_identity, owned_by_dead_process
 from matekd.tracking.roots import split_exps
 from test_tracking_common import clear_tracking_env, fresh_store, git, local_path, make_git_repo
 

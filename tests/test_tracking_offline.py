@@ -20,7 +20,15 @@ import numpy as np
 import pytest
 
 from matekd.errors import MatekdError, TrackingError
-from matekd.tracking import OfflineRun, OfflineRunError, _base, artifact_root, process_identity, start_run, sync_runs
+from matekd.tracking import (
+    OfflineRun,
+    OfflineRunError,
+    artifact_root,
+    interface,
+    process_identity,
+    start_run,
+    sync_runs,
+)
 from matekd.tracking.sync import IMPORTING_TAG, OFFLINE_ID_TAG, SYNC_NOTE_TAG
 from test_tracking_common import all_runs, clear_tracking_env, experiment_snapshot, fresh_store, git, make_git_repo
 
@@ -83,7 +91,7 @@ def scenario(start: Callable[..., Any], files: Path) -> dict[str, str]:
 def clock(monkeypatch: pytest.MonkeyPatch) -> None:
     """A deterministic clock: the n-th timestamp a tracker asks for is the same in both modes."""
     ticks = itertools.count()
-    monkeypatch.setattr(_base, "now_ms", lambda: 1_700_000_000_000 + 1000 * next(ticks))
+    monkeypatch.setattr(interface, "now_ms", lambda: 1_700_000_000_000 + 1000 * next(ticks))
 
 
 def tracked(mode: str, offline_dir: Path | None = None) -> Callable[..., Any]:

@@ -13,7 +13,7 @@ from matekd.models import build_model
 from matekd.params import Recipe
 from matekd.storage import safe_torch_load
 from matekd.tracking import NullRun
-from matekd.train import StepOutput, batch_slices, cross_entropy_step, fit, model_input
+from matekd.training.loop import FitJob, StepOutput, TrainingData, batch_slices, cross_entropy_step, fit, model_input
 
 CPU = torch.device("cpu")
 
@@ -28,10 +28,10 @@ def _data(per_class: int, seed: int = 0):
 
 
 def _fit(model, recipe, x, y, tmp_path=None, digest="d", **kw):
-    (result,) = fit(model=model, step_fn=kw.pop("step_fn", cross_entropy_step(model)), recipe=recipe,
-                    train_images=x, train_labels=y, val_images=x[:20], val_labels=y[:20], device=CPU, seeds=[3],
-                    runs=[NullRun()], checkpoint=(tmp_path / "ckpt.pt") if tmp_path else None, digest=digest,
-                    desc="t", progress=False, **kw)
+    (result,) = fit(FitJob(model, kw.pop("step_fn", cross_entropy_step(model)), recipe,
+                           TrainingData(x, y, x[:20], y[:20]), seeds=[3], runs=[NullRun()],
+                           checkpoint=(tmp_path / "ckpt.pt") if tmp_path else None, digest=digest, desc="t",
+                           progress=False, **kw))
     return result
 
 
@@ -135,7 +135,7 @@ def test_batch_slices_drop_only_a_trailing_singleton():
 
 
 def test_learning_rate_schedule_warms_up_linearly_then_decays_by_cosine():
-    from matekd.train import lr_factor
+    from matekd.training.loop import lr_factor
 
     assert [lr_factor(s, 10, "cosine", warmup_steps=4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert lr_factor(4, 10, "cosine", warmup_steps=4) == 1.0
@@ -149,7 +149,7 @@ def test_sgd_uses_multi_tensor_kernels_with_the_same_numbers():
     """foreach on the CPU (fused on CUDA): other kernels, the same update as the per-tensor loop."""
     from types import SimpleNamespace
 
-    from matekd.train import make_optimizer, optimizer_kernels
+    from matekd.training.loop import make_optimizer, optimizer_kernels
 
     recipe = Recipe(epochs=1, batch_size=8, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     models = []
@@ -173,7 +173,7 @@ def test_sgd_uses_multi_tensor_kernels_with_the_same_numbers():
 
 
 def test_term_sums_add_every_term_weighted_by_batch_size():
-    from matekd.train import TermSums
+    from matekd.training.loop import TermSums
 
     sums = TermSums()
     first = sums.add({"loss": torch.tensor([1.0, 2.0]), "ce": torch.tensor([0.5, 0.25])}, 4)

@@ -29,7 +29,7 @@ from matekd import cli, methods, tuning
 from matekd.errors import MatekdError, ParamsError
 from matekd.params import load_params
 from matekd.stages.tune import run_tune
-from matekd.students import resolve_spec
+from matekd.training.students import resolve_spec
 from matekd.tuning import recovery
 
 torch.set_num_threads(1)
@@ -59,7 +59,7 @@ def fake_accuracy(ce_weight: float, epoch: int) -> float:
 
 
 def fake_train(params, specs, data, device, runs, checkpoint, progress=True, epoch_hook=None, with_test=True,
-               signals_loader=None):
+               outputs_loader=None):
     """Stands in for students.train_students (same signature)."""
     if with_test:
         raise AssertionError("the tuning objective must never ask for the test set")
@@ -505,7 +505,7 @@ def test_worker_processes_are_spread_over_the_visible_gpus(ws, monkeypatch):
 
 def test_signals_are_loaded_once_per_worker():
     calls = []
-    memo = tuning.SignalsMemo(lambda *args: calls.append(args) or object())
+    memo = tuning.TeacherOutputsMemo(lambda *args: calls.append(args) or object())
     params = SimpleNamespace(distill=SimpleNamespace(teacher_signals="online"))
     data = SimpleNamespace(manifest_hash="abc")
     first = memo(params, ["resnet56"], True, data, torch.device("cpu"))
@@ -731,7 +731,7 @@ def test_real_students_on_the_tiny_profile(tmp_path, monkeypatch):
     (root / "mlruns").mkdir()
     monkeypatch.setenv("MATEKD_TRACKING", "online")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    from matekd import students
+    from matekd.training import teacher_outputs as students
 
     loads = {"cache": 0, "teacher": 0}
     real_cache, real_teacher = students.load_cache, students.load_teacher

@@ -36,7 +36,7 @@ pytestmark = pytest.mark.postgres
 
 
 def fake_train(params, specs, data, device, runs, checkpoint, progress=True, epoch_hook=None,
-               with_test=True, signals_loader=None):
+               with_test=True, outputs_loader=None):
     """Stands in for students.train_students: val_acc is a known function of the learning rate.
     Every worker's first trial waits until both workers have one, so both must contribute."""
     if with_test:

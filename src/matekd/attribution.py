@@ -148,3 +148,14 @@ def normalize_maps(maps: Tensor, kind: Literal["max", "l2"] = "max", eps: float 
     else:
         raise ValueError(f"map normalisation must be 'max' or 'l2', got {kind!r}")
     return maps / scale.clamp_min(eps)[..., None, None]
+
+
+def to_student_grid(student_maps: Tensor, teacher_maps: Tensor) -> Tensor:
+    """Check shapes ([B,h,w] vs [K,B,h',w']) and resize teacher maps to the student grid."""
+    if student_maps.dim() != 3 or teacher_maps.dim() != 4:
+        raise ValueError(f"expected student maps [B,h,w] and teacher maps [K,B,h,w], got "
+                         f"{tuple(student_maps.shape)} and {tuple(teacher_maps.shape)}")
+    if teacher_maps.shape[1] != student_maps.shape[0]:
+        raise ValueError(f"teacher maps {tuple(teacher_maps.shape)} do not match the student "
+                         f"batch of {student_maps.shape[0]}")
+    return resize_maps(teacher_maps, tuple(student_maps.shape[-2:]))

@@ -21,7 +21,7 @@ from .params import Params
 from .paths import cache_path, teacher_paths
 from .precision import autocast
 from .storage import load_tensors, sha256_file
-from .train import PAD, image_variants, model_input
+from .training.loop import PAD, image_variants, model_input
 
 CACHE_VERSION = "1"
 

@@ -139,7 +139,7 @@ def cmd_methods(args):
 
     for m in methods.METHODS.values():
         print(f"{m.name:<16} teachers={m.teachers:<4} weighting={m.weighting:<11} "
-              f"attribution_loss={'yes' if m.attribution_loss else 'no':<3} {m.summary}")
+              f"terms={'+'.join(m.terms):<10} {m.summary}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,14 +26,14 @@ from .corruptions import CORRUPTIONS as ALL_CORRUPTIONS
 from .corruptions import EXTRA_4 as EXTRA_CORRUPTIONS
 from .corruptions import SEVERITIES
 from .corruptions import STANDARD_15 as STANDARD_CORRUPTIONS
-from .distill import similarity, teacher_weights, weight_statistics
 from .errors import MatekdError
 from .models import build_model
 from .models.fused import FusedCifarResNet
 from .models.resnet import CifarResNet
 from .plotting import pyplot
 from .storage import load_tensors
-from .train import device_labels, model_input, predict_logits, prepare_model
+from .training.loop import device_labels, model_input, predict_logits, prepare_model
+from .weighting import similarity, teacher_weights, weight_statistics
 
 # sha256 of shared/data/cifar10-jpeg.tar.gz (the JPEG q75 mirror, shared/data/README.md)
 JPEG_MIRROR_SHA256 = "45b041e867f5a40f79bfde38d3dd1fd511103d50068c1afecf6445e25234d4db"

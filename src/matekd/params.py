@@ -6,13 +6,23 @@ with a message that names the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from . import methods as method_table
 from .errors import ParamsError
@@ -77,21 +87,13 @@ def _known_method(name: str) -> str:
 
 
 class DistillParams(Strict):
+    """The `distill` section: the keys every method shares. Each registered method adds its own
+    hyperparameters (matekd.methods); `distill_model()` is this schema with them."""
+
     student: Literal[MODEL_NAMES] = "resnet20"  # type: ignore[valid-type]
     method: str = "mate_kd"
     kd_teacher: str = "resnet110"
     seed: int = Field(default=0, ge=0)
-    kd_temperature: float = Field(default=3.0, gt=0)
-    similarity_temperature: float = Field(default=0.2, gt=0)
-    similarity_temperature_end: float | None = Field(default=None, gt=0)
-    similarity_schedule_epochs: int | None = Field(default=None, ge=1)
-    ce_weight: float = Field(default=0.3, ge=0, le=1)
-    attribution_weight: float = Field(default=0.1, ge=0)
-    student_target: Literal["label", "prediction"] = "label"
-    similarity: Literal["cosine", "pearson"] = "cosine"
-    clip_similarity: bool = False
-    map_norm: Literal["max", "l2"] = "max"
-    rescale_weights: bool = False
     teacher_signals: Literal["online", "cached"] = "online"
     # null: each student draws its data order and augmentation from its own seed. An integer: every
     # student draws them from this seed (seeds then differ only in initialisation; a shortcut that
@@ -107,11 +109,31 @@ class DistillParams(Strict):
         return _known_method(value)
 
     @model_validator(mode="after")
-    def _schedule(self) -> DistillParams:
-        if (self.similarity_temperature_end is None) != (self.similarity_schedule_epochs is None):
-            raise ValueError("distill.similarity_temperature_end and distill.similarity_schedule_epochs "
-                             "must be set together (a linear tau schedule) or both left null")
+    def _hyperparameter_checks(self) -> DistillParams:
+        for hyperparameter in method_table.HYPERPARAMETERS.values():
+            problem = hyperparameter.check(self) if hyperparameter.check else None
+            if problem:
+                raise ValueError(problem)
         return self
+
+
+def distill_model() -> type[DistillParams]:
+    """DistillParams with one field per registered hyperparameter (type, default and bounds as
+    its method declares them); rebuilt when a method is registered."""
+    return _distill_model(method_table.registry_version())
+
+
+@functools.lru_cache(maxsize=4)
+def _distill_model(version: int) -> type[DistillParams]:
+    fields: dict[str, Any] = {
+        h.name: (h.annotation, Field(default=h.default, description=h.doc or None, **h.bounds))
+        for h in method_table.HYPERPARAMETERS.values()}
+    return create_model("DistillParams", __base__=DistillParams, __module__=__name__, **fields)
+
+
+def distill_params(**values: Any) -> DistillParams:
+    """A validated `distill` section (every registered hyperparameter at its default unless given)."""
+    return distill_model().model_validate(values)
 
 
 class AblationParams(Strict):
@@ -206,7 +228,7 @@ class TuneParams(Strict):
     @field_validator("space")
     @classmethod
     def _known(cls, space: dict[str, SpaceEntry]) -> dict[str, SpaceEntry]:
-        tunable = set(method_table.TUNABLE)
+        tunable = set(method_table.tunable_names())
         for name in space:
             if name not in tunable:
                 raise ValueError(f"unknown parameter {name!r}; tunable: {', '.join(sorted(tunable))}")
@@ -215,11 +237,17 @@ class TuneParams(Strict):
         return space
 
 
-def set_distill_values(distill: DistillParams, values: dict[str, Any]) -> None:
-    """Set dotted `distill.*` / `distill.recipe.*` values in place (validated on assignment)."""
+def with_distill_values(distill: DistillParams, values: dict[str, Any]) -> DistillParams:
+    """A copy of `distill` with dotted `distill.*` / `distill.recipe.*` values set, validated
+    together (keys that must be set together, such as a tau schedule's two, may be)."""
+    data = distill.model_dump()
     for dotted, value in values.items():
         section, _, key = dotted.removeprefix("distill.").rpartition(".")
-        setattr(distill.recipe if section == "recipe" else distill, key, value)
+        target = data["recipe"] if section == "recipe" else data
+        if key not in target:
+            raise ValueError(f"distill.{dotted.removeprefix('distill.')}: unknown key")
+        target[key] = value
+    return type(distill).model_validate(data)
 
 
 def param_key(name: str) -> str:
@@ -246,7 +274,7 @@ class Params(Strict):
     data: DataParams = Field(default_factory=DataParams)
     teachers: dict[str, Recipe]
     cache: CacheParams = Field(default_factory=CacheParams)
-    distill: DistillParams
+    distill: SerializeAsAny[DistillParams]
     ablation: AblationParams = Field(default_factory=AblationParams)
     corrupt: CorruptParams = Field(default_factory=CorruptParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
@@ -262,6 +290,12 @@ class Params(Strict):
             if name not in MODEL_NAMES:
                 raise ValueError(f"unknown architecture {name!r}; allowed: {', '.join(MODEL_NAMES)}")
         return teachers
+
+    @field_validator("distill", mode="before")
+    @classmethod
+    def _distill(cls, value: Any) -> Any:
+        # Validated with the registered methods' hyperparameters (errors keep their key's path).
+        return value if isinstance(value, DistillParams) else distill_model().model_validate(value)
 
     @model_validator(mode="after")
     def _kd_teacher(self) -> Params:

@@ -8,7 +8,7 @@ from .errors import MatekdError
 from .models import build_model
 from .paths import cache_path, teacher_paths
 from .storage import load_tensors, sha256_file
-from .train import prepare_model
+from .training.loop import prepare_model
 
 
 def load_teacher(name: str, device, root: Path = Path(".")):

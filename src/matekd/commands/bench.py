@@ -1,4 +1,4 @@
-"""`matekd bench`: cost of a student training step, per way of getting the teacher signals, and
+"""`matekd bench`: cost of a student training step, per way of getting the teachers' outputs, and
 the gain of training several students together.
 
 Times, on the current device, full optimisation steps (augmentation, forward, backward,
@@ -24,8 +24,7 @@ from ..models import build_model
 from ..params import Params
 from ..precision import cpu_supports_bf16, resolve_precision, use_precision
 from ..storage import write_json
-from ..students import TeacherSignals, group_step, make_group, resolve_spec
-from ..train import (
+from ..training.loop import (
     PAD,
     configure_determinism,
     device_labels,
@@ -36,6 +35,9 @@ from ..train import (
     prepare_model,
     resolve_device,
 )
+from ..training.networks import as_one_module
+from ..training.students import resolve_spec, student_step
+from ..training.teacher_outputs import TeacherOutputs
 
 
 def _time_steps(step_fn, model, images, labels, batch_size, slots, repeats, warmup, device, recipe) -> list[float]:
@@ -120,24 +122,24 @@ def _bench_steps(params: Params, device: torch.device, batch_size: int, repeats:
     maps = torch.rand(k, n, params.cache.resolution, params.cache.resolution, device=device).half()
     cached_logits = torch.randn(k, n, num_variants(PAD), 10, device=device).half()
     teachers = [prepare_model(build_model(name), device).eval().requires_grad_(False) for name in names]
-    online = TeacherSignals(names, models=teachers, train_maps=maps)
-    cached = TeacherSignals(names, train_maps=maps, train_logits=cached_logits)
+    online = TeacherOutputs(names, models=teachers, train_maps=maps)
+    cached = TeacherOutputs(names, train_maps=maps, train_logits=cached_logits)
     variants = {
-        "ce": ("ce", TeacherSignals([]), 1),
+        "ce": ("ce", TeacherOutputs([]), 1),
         "kd_online": ("mtkd_equal", online, 1),
         "mate_kd_online": ("mate_kd", online, 1),
         "mate_kd_cached": ("mate_kd", cached, 1),
         f"mate_kd_cached_x{together}": ("mate_kd", cached, together),
     }
     results = {}
-    for label, (method, signals, slots) in variants.items():
+    for label, (method, outputs, slots) in variants.items():
         specs = [resolve_spec(params, method, seed, f"{method}-seed{seed}") for seed in range(slots)]
         students = []
         for spec in specs:
             torch.manual_seed(spec.seed)
             students.append(build_model(spec.distill.student))
-        group = prepare_model(make_group(students), device).train()
-        step_fn = group_step(params, specs, group, signals, device)
+        group = prepare_model(as_one_module(students), device).train()
+        step_fn = student_step(params, specs, group, outputs, device)
         times = _time_steps(step_fn, group, images, labels, batch_size, slots, repeats, warmup, device,
                             params.distill.recipe)
         median = statistics.median(times)

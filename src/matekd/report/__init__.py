@@ -1,29 +1,25 @@
 """The report: tables, figures and plot data from the pipeline's metric files (no model is loaded).
 
-`load_inputs` reads the metric files (report.inputs), `build_report` writes results.md,
-results.csv, figures/ and plots/ (report.document) from the tables (report.tables), the
-t-intervals over seeds (report.statistics), the departures from the paper setting
-(report.paper), the overlay data for `dvc plots` (report.overlays) and the figures
-(report.figures, matplotlib imported on first use); report.formatting writes the cells.
+`load_inputs` reads the metric files, `build_report` writes results.md, results.csv, figures/ and
+plots/. Names are imported on first use, so that training can draw its teacher-weight histograms
+(report.weight_histograms) without importing the report's tables and pandas.
 """
 
-from .document import build_report
-from .inputs import load_inputs, per_model_summary
-from .paper import shortcuts
-from .statistics import NO_INTERVAL, format_interval, t_interval
-from .tables import ablation_summary, histogram_mean_weights, paired_differences, run_weighting, weight_evolution
+from __future__ import annotations
 
-__all__ = [
-    "NO_INTERVAL",
-    "ablation_summary",
-    "build_report",
-    "format_interval",
-    "histogram_mean_weights",
-    "load_inputs",
-    "paired_differences",
-    "per_model_summary",
-    "run_weighting",
-    "shortcuts",
-    "t_interval",
-    "weight_evolution",
-]
+import importlib
+from typing import Any
+
+_WHERE = {
+    "build_report": "document", "load_inputs": "inputs", "per_model_summary": "inputs", "shortcuts": "paper",
+    "NO_INTERVAL": "statistics", "format_interval": "statistics", "t_interval": "statistics",
+    "ablation_summary": "tables", "histogram_mean_weights": "tables", "paired_differences": "tables",
+    "run_weighting": "tables", "weight_evolution": "tables",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

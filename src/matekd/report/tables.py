@@ -228,7 +228,7 @@ def method_values(methods: Sequence[str], inputs: Inputs, params: Params) -> lis
             fallback = False
         else:
             row_of_table = method_table.METHODS.get(method)
-            names = row_of_table.hyperparameters if row_of_table else ()
+            names = row_of_table.keys if row_of_table else ()
             values = {name: getattr(params.distill, name) for name in names}
             recipe = params.distill.recipe.model_dump(mode="json")
             source = (f"params.yaml distill.* (fallback: {method_inputs_path(method)} missing"

@@ -16,7 +16,7 @@ from ..paths import cache_metrics_path, cache_path, teacher_paths
 from ..precision import bf16_enabled
 from ..storage import save_tensors, sha256_file, write_json
 from ..teachers import load_teacher
-from ..train import device_labels
+from ..training.loop import device_labels
 from .context import stage
 
 

@@ -14,7 +14,7 @@ from ..data.prepared import Prepared
 from ..params import Params
 from ..precision import active_precision, use_precision
 from ..tracking import NullRun, start_run
-from ..train import configure_determinism, device_name, resolve_device
+from ..training.loop import configure_determinism, device_name, resolve_device
 
 
 @dataclass

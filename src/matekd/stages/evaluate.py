@@ -27,7 +27,6 @@ from ..augment import to_device_tensor
 from ..cifar10c import load_corrupted
 from ..corruptions import SEVERITIES
 from ..data.prepared import load_prepared
-from ..distill import final_tau
 from ..evaluation import (
     cams_in_batches,
     corruption_digest,
@@ -44,14 +43,15 @@ from ..evaluation import (
     to_json_safe,
 )
 from ..models import count_parameters, model_size_mb
-from ..params import Params, flatten
-from ..paths import EVAL_DIR, EVAL_PARTIAL_DIR, SUMMARY_METRICS
+from ..params import DistillParams, Params, flatten, with_distill_values
+from ..paths import EVAL_DIR, EVAL_PARTIAL_DIR, SUMMARY_METRICS, method_inputs_path
 from ..plotting import png_bytes
 from ..precision import active_precision
-from ..storage import atomic_dir, sha256_file, write_json
+from ..storage import atomic_dir, read_json, sha256_file, write_json
 from ..teachers import load_teacher
 from ..tracking import run_for_digest
-from ..train import device_labels, device_name
+from ..training.loop import device_labels, device_name
+from ..weighting import final_tau
 from .context import stage, tracked_run
 
 SUMMARY_KEYS = {"test_acc": ("test_acc",), "cifar10c_mean15": ("cifar10c", "standard_mean"),
@@ -65,11 +65,10 @@ def run_evaluate(params: Params, prepared_dir: str | Path = "prepared", corrupte
     Returns {model name: its metrics dict} (as written to metrics/eval/<model>.json).
     """
     root = Path(root)
-    cfg = params.evaluate
+    settings = params.evaluate
     data = load_prepared(prepared_dir)
     corrupted, c_labels, c_manifest = load_corrupted(corrupted_dir)
     student_files = sorted((root / "models" / "student").glob("*.safetensors"))
-    tau = final_tau(params.distill)
     num_classes = len(data.class_names)
     data_label, c_label = dataset_label(data.manifest), corruption_label(c_manifest)
     skipped = dict(c_manifest.get("skipped") or {})
@@ -106,9 +105,9 @@ def run_evaluate(params: Params, prepared_dir: str | Path = "prepared", corrupte
         partial = root / EVAL_PARTIAL_DIR
         shutil.rmtree(partial, ignore_errors=True)        # an earlier cut's: not these models' numbers
         for batch in evaluation_batches(teachers, students):
-            table = corruption_table(batch, corrupted, c_labels, cfg.batch_size, device, progress)
+            table = corruption_table(batch, corrupted, c_labels, settings.batch_size, device, progress)
             for name, model in batch.items():
-                clean = evaluate_clean(model, test_x, data.test_labels, cfg.batch_size, device, num_classes)
+                clean = evaluate_clean(model, test_x, data.test_labels, settings.batch_size, device, num_classes)
                 entry: dict[str, Any] = {
                     "model": name, "kind": "teacher" if name in teachers else "student",
                     "architecture": student_meta.get(name, {}).get("architecture", name),
@@ -127,7 +126,9 @@ def run_evaluate(params: Params, prepared_dir: str | Path = "prepared", corrupte
                 results[name] = to_json_safe(entry)
                 write_json(partial / f"{name}.json", results[name])
         results = {name: results[name] for name in [*teachers, *students]}   # the order of the outputs
-        gradcam = _gradcam_analysis(params, data, teachers, students, device, tau)
+        values = {name: trained_values(params, student_meta[name].get("method"), name.removeprefix("student-"), root)
+                  for name in students}
+        gradcam = _gradcam_analysis(params, data, teachers, students, device, values)
         with atomic_dir(root / EVAL_DIR) as tmp:
             for name, entry in results.items():
                 write_json(tmp / f"{name}.json", entry)
@@ -185,32 +186,49 @@ def logged_params(params: Params) -> dict:
             "similarity_tau": final_tau(d)}
 
 
+def trained_values(params: Params, method: str | None, output: str, root: Path = Path(".")) -> DistillParams:
+    """The `distill.*` values a student trained with: the shared ones for the distill stage's
+    student; for an ablation student, its method's values as methods/<method>.json records them
+    (tuned ones with ablation.tuned), recipe included. A student of a method without a file (one
+    trained before the stage existed) gets the shared values."""
+    values = params.distill.model_copy(deep=True)
+    record = method_inputs_path(method, root) if method and output != "distill" else None
+    if record is not None and record.is_file():
+        content = read_json(record)
+        values = with_distill_values(values, {**content.get("values", {}), **content.get("recipe", {})})
+    return values
+
+
 def _gradcam_analysis(params: Params, data, teachers: dict[str, nn.Module], students: dict[str, nn.Module],
-                      device: torch.device, tau: float) -> dict[str, tuple[dict, bytes]]:
+                      device: torch.device, values: dict[str, DistillParams]) -> dict[str, tuple[dict, bytes]]:
     """Per student: agreement of its Grad-CAM maps with each teacher's on the first
     evaluate.gradcam_images test images (classes interleaved), targets = true labels, weighted
-    with the temperature the students ended training with (the tau schedule's last value)."""
+    with the similarity settings and the temperature the student ended training with (its tau
+    schedule's last value)."""
     if not students or not teachers:
         return {}
-    cfg, dcfg = params.evaluate, params.distill
-    order = stratified_order(data.test_labels)[:cfg.gradcam_images]
+    settings = params.evaluate
+    order = stratified_order(data.test_labels)[:settings.gradcam_images]
     images = to_device_tensor(data.test_images[order], device)
     targets = device_labels(data.test_labels[order], device)
     names = list(teachers)
-    teacher_maps = [cams_in_batches(m, images, targets, cfg.batch_size, device) for m in teachers.values()]
-    rows = min(cfg.grid_images, order.size)
+    teacher_maps = [cams_in_batches(m, images, targets, settings.batch_size, device) for m in teachers.values()]
+    rows = min(settings.grid_images, order.size)
     out: dict[str, tuple[dict, bytes]] = {}
     for student_name, student in students.items():
-        student_maps = cams_in_batches(student, images, targets, cfg.batch_size, device)
-        agree = gradcam_agreement(student_maps, teacher_maps, tau, kind=dcfg.similarity,
-                                  clip=dcfg.clip_similarity, rescale=dcfg.rescale_weights, bins=dcfg.histogram_bins)
+        trained = values[student_name]
+        tau = final_tau(trained)
+        student_maps = cams_in_batches(student, images, targets, settings.batch_size, device)
+        agree = gradcam_agreement(student_maps, teacher_maps, tau, kind=trained.similarity,
+                                  clip=trained.clip_similarity, rescale=trained.rescale_weights,
+                                  bins=trained.histogram_bins)
         stats = {key: agree[key].cpu() for key in ("similarity_mean", "similarity_std", "weight_mean",
                                                     "weight_std", "dominant_fraction")}
         summary = {
             "student": student_name, "teachers": names, "images": int(order.size),
             "image_order": "stratified (classes interleaved) over the prepared test set",
-            "target": "label", "similarity": dcfg.similarity, "clip_similarity": dcfg.clip_similarity,
-            "rescale_weights": dcfg.rescale_weights, "tau": tau,
+            "target": "label", "similarity": trained.similarity, "clip_similarity": trained.clip_similarity,
+            "rescale_weights": trained.rescale_weights, "tau": tau,
             "student_grid": list(student_maps.shape[-2:]),
             **{key: dict(zip(names, value.tolist())) for key, value in stats.items()},
             "weight_entropy": float(agree["entropy"]),
@@ -221,7 +239,7 @@ def _gradcam_analysis(params: Params, data, teachers: dict[str, nn.Module], stud
         fig = gradcam_figure(data.test_images[order[:rows]], data.test_labels[order[:rows]],
                              student_maps[:rows], agree["teacher_maps"][:, :rows], agree["similarity"][:, :rows],
                              agree["weights"][:, :rows], names, data.class_names,
-                             f"{student_name}: Grad-CAM vs teachers (s = {dcfg.similarity}, "
+                             f"{student_name}: Grad-CAM vs teachers (s = {trained.similarity}, "
                              f"w = softmax(s/{tau:g}))")
         out[student_name] = (to_json_safe(summary), png_bytes(fig))
     return out

@@ -17,8 +17,8 @@ from ..errors import ParamsError
 from ..params import Params, flatten
 from ..paths import method_inputs_path
 from ..storage import write_json
-from ..students import resolve_spec, spec_teachers
 from ..teachers import teacher_identity
+from ..training.students import resolve_spec, spec_teachers
 
 
 def method_inputs(params: Params, method: str) -> dict[str, Any]:
@@ -30,9 +30,8 @@ def method_inputs(params: Params, method: str) -> dict[str, Any]:
     teachers = spec_teachers(spec, params)
     identity = teacher_identity(teachers, row.reads_cache(d.teacher_signals))
     return {
-        "method": method, "summary": row.summary, "weighting": row.weighting,
-        "attribution_loss": row.attribution_loss,
-        "values": {f"distill.{name}": getattr(d, name) for name in row.hyperparameters},
+        "method": method, "summary": row.summary, "weighting": row.weighting, "terms": list(row.terms),
+        "values": {f"distill.{name}": getattr(d, name) for name in row.keys},
         "recipe": flatten({"distill": {"recipe": d.recipe.model_dump(mode="json")}}),
         "student": d.student, "histogram_bins": d.histogram_bins, "data_seed": d.data_seed,
         "teacher_signals": d.teacher_signals if row.has_kd else None,

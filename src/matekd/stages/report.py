@@ -10,7 +10,8 @@ from typing import Any
 from ..errors import MatekdError
 from ..params import Params, flatten
 from ..paths import REPORT_DIR, parse_ablation_output
-from ..report import build_report, load_inputs
+from ..report.document import build_report
+from ..report.inputs import load_inputs
 from ..storage import atomic_dir
 from ..tracking import run_for_digest
 from .context import tracked_run

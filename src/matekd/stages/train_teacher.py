@@ -12,7 +12,7 @@ from ..params import Params, flatten
 from ..paths import teacher_paths
 from ..precision import bf16_enabled
 from ..storage import digest_of, save_tensors, write_history_csv, write_json
-from ..train import accuracy, cross_entropy_step, device_labels, fit, prepare_model
+from ..training.loop import FitJob, TrainingData, accuracy, cross_entropy_step, device_labels, fit, prepare_model
 from .context import log_prepared_input, stage
 
 TIMING_KEYS = ("seconds", "images_per_second")  # wall-clock: the only non-deterministic metrics
@@ -40,12 +40,9 @@ def run_train_teacher(params: Params, name: str, prepared_dir: str | Path = "pre
         log_prepared_input(ctx.run, data)
         device = ctx.device
         model = prepare_model(build_model(name), device)
-        train_x, train_y = to_device_tensor(data.train_images, device), device_labels(data.train_labels, device)
-        val_x, val_y = to_device_tensor(data.val_images, device), device_labels(data.val_labels, device)
-        (result,) = fit(model=model, step_fn=cross_entropy_step(model), recipe=recipe, train_images=train_x,
-                        train_labels=train_y, val_images=val_x, val_labels=val_y, device=device,
-                        seeds=[params.seed], runs=[ctx.run], checkpoint=paths["checkpoint"], digest=digest,
-                        desc=name, progress=progress)
+        split = TrainingData.on_device(data, device, with_test=False)
+        (result,) = fit(FitJob(model, cross_entropy_step(model), recipe, split, seeds=[params.seed], runs=[ctx.run],
+                               checkpoint=paths["checkpoint"], digest=digest, desc=name, progress=progress))
         test_acc = accuracy(model, to_device_tensor(data.test_images, device), device_labels(data.test_labels, device),
                             recipe.eval_batch_size, device)
         state = {k: v for k, v in model.state_dict().items()}
@@ -60,7 +57,7 @@ def run_train_teacher(params: Params, name: str, prepared_dir: str | Path = "pre
             "train_acc": last["train_acc"], "train_loss": last["train_loss"],
             "params": count_parameters(model), "size_mb": model_size_mb(model),
             "epochs": recipe.epochs, "seconds": result.seconds,
-            "images_per_second": result.images_per_second, "train_images": int(train_x.shape[0]),
+            "images_per_second": result.images_per_second, "train_images": int(split.train_images.shape[0]),
             "bf16": int(bf16_enabled(device)),   # numbers only: 1 = bf16 autocast, 0 = fp32
         }
         write_json(paths["metrics"], metrics)

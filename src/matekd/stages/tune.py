@@ -21,8 +21,8 @@ from ..methods import Method, method_teachers
 from ..params import Params
 from ..paths import TUNE_METRICS_DIR, tuned_values_path
 from ..storage import write_json
-from ..students import logged_params, resolve_spec
-from ..train import device_name, resolve_device
+from ..training.loop import device_name, resolve_device
+from ..training.students import logged_params, resolve_spec
 from ..tuned import write_tuned_values
 
 APPLY_COMMAND = "dvc exp run -S ablation.tuned=true"
@@ -88,7 +88,7 @@ def run_tune(params: Params, methods: list[str] | None = None, storage: str | No
              progress: bool = True) -> dict[str, dict[str, Any]]:
     """Tune `methods` (default tune.methods) one after the other. Everything that can be
     checked (the space of every method, the storage, the teacher files) is checked before the
-    first trial. `trainer` replaces students.train_students (tests). Returns each method's summary."""
+    first trial. `trainer` replaces training.students.train_students (tests). Returns each method's summary."""
     if workers < 1:
         raise ParamsError(f"--workers {workers}: at least one worker is needed")
     if n_trials is not None and n_trials < 1:

@@ -1,45 +1,36 @@
 """Every use of MLflow that is not its public API, in one place, each with the reason it is
-needed. tests/test_mlflow_private.py exercises each one against the installed mlflow, so an
-upgrade that moves or changes one fails there, by name, rather than somewhere in a stage.
-
-- `mlflow.utils.validation._validate_{metric,param,tag}_name`: the offline tracker refuses a
-  key the store would refuse, when the run is recorded rather than at sync, hours later. MLflow
-  has no public validator (its client validates inside each logging call).
-- `mlflow.tracking.context.registry.resolve_tags`: MLflow's run-context providers (user, source
-  type, MLFLOW_RUN_CONTEXT, plugin providers), the tags `mlflow.start_run` adds. matekd creates
-  runs with `MlflowClient.create_run`, which adds none, and offline runs need them recorded.
-- `MlflowClient._tracking_client.store._hard_delete_run` / `._hard_delete_logged_model`: sync's
-  roll-back deletes the runs and models it created for good, as `mlflow gc` does (a soft-deleted
-  run keeps its offline-id tag and the name of a deleted model version stays used). The public
-  client only soft-deletes; `mlflow gc` is a command line for a whole store.
-- `mlflow.store.artifact.artifact_repository_registry.get_artifact_repository`: removing the
-  artifacts of those runs and models (`mlflow gc` does the same); no public call deletes artifacts.
-- Raw SQL UPDATEs of the SQLite store's artifact locations (`relocate_store`): MLflow has no API
-  to change an experiment's, run's or logged model's artifact location.
-
-What was private and is not any more: the git tags come from the git command line
-(context._git_source; was `mlflow.utils.git_utils`), models are logged with public client calls
-(`create_logged_model`, `log_model_artifacts`, `finalize_logged_model`, `log_outputs`,
-`create_model_version`; tracking.models). Tag names MLflow defines as constants in
-`mlflow.utils.mlflow_tags` are mirrored as strings where they are used (the offline tracker runs
-without mlflow); the test compares them with mlflow's.
-
-mlflow is imported inside each function: `import matekd.tracking` works without it.
-"""
+needed; tests/test_mlflow_private.py exercises each against the installed mlflow, so an upgrade
+that moves one fails there, by name. mlflow is imported inside each function (tried once per
+process where it is missing): `import matekd.tracking` works without it."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import logging
 import os
 import sqlite3
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-from ._base import OFF_SWITCH, TrackingError, optional_module
+from ..errors import TrackingError
+from .interface import OFF_SWITCH
 from .roots import default_store_dir, sqlite_path, uri_to_path
 
 log = logging.getLogger("matekd.tracking")
+
+
+@functools.cache
+def optional_module(name: str) -> ModuleType | None:
+    """Module `name` of mlflow, or None where it is not installed (the GPU machine). Tried once
+    per process: Python does not remember a failed import, and the callers run for every logged
+    key."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,8 +39,10 @@ log = logging.getLogger("matekd.tracking")
 
 def mlflow_name_problem(kind: str, name: str) -> str | None:
     """Why MLflow's own validator refuses `name` as a `kind` ("metric", "param", "tag") key, None
-    when it accepts it. Raises ImportError without mlflow (the caller falls back to its rules);
-    the import is tried once per process (`optional_module`): this runs for every logged key."""
+    when it accepts it. Raises ImportError without mlflow (the caller falls back to its rules).
+    Private: `mlflow.utils.validation._validate_*_name`; MLflow has no public validator (its
+    client validates inside each logging call), and the offline tracker must refuse a key when
+    it is logged, not at sync, hours later."""
     validation = optional_module("mlflow.utils.validation")
     if validation is None:
         raise ImportError("mlflow is not installed")
@@ -67,9 +60,11 @@ def mlflow_name_problem(kind: str, name: str) -> str | None:
 
 
 def context_tags() -> dict[str, str]:
-    """The tags MLflow's run-context providers give a new run (user, source type, ...), without
-    its git provider (which looks at sys.argv[0], the console script, not at the checkout that
-    runs). Raises ImportError without mlflow (tried once per process)."""
+    """The tags MLflow's run-context providers give a new run (user, source type,
+    MLFLOW_RUN_CONTEXT, plugin providers), without its git provider (which looks at sys.argv[0],
+    the console script, not at the checkout that runs). Raises ImportError without mlflow.
+    Private: `mlflow.tracking.context.registry.resolve_tags`, what `mlflow.start_run` adds;
+    `MlflowClient.create_run` adds none, and offline runs need them recorded."""
     registry = optional_module("mlflow.tracking.context.registry")
     git_context = optional_module("mlflow.tracking.context.git_context") if registry is not None else None
     if registry is None or git_context is None:
@@ -78,7 +73,9 @@ def context_tags() -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# permanent deletion (sync roll-back)
+# permanent deletion (sync roll-back): the runs and models a failed sync created are deleted for
+# good, as `mlflow gc` does (a soft-deleted run keeps its offline-id tag, and a deleted model
+# version's name stays taken); the public client only soft-deletes
 
 
 def hard_delete_store(client: Any) -> Any | None:
@@ -89,7 +86,8 @@ def hard_delete_store(client: Any) -> Any | None:
 
 
 def hard_delete_run(store: Any, run_id: str) -> None:
-    """Remove a (soft-deleted) run's rows for good: what `mlflow gc --run-ids` does."""
+    """Remove a (soft-deleted) run's rows for good: what `mlflow gc --run-ids` does
+    (private: `store._hard_delete_run`)."""
     store._hard_delete_run(run_id)
 
 
@@ -103,16 +101,19 @@ def hard_delete_logged_model(store: Any, model_id: str) -> bool:
 
 
 def delete_artifacts(location: str) -> None:
-    """Delete everything under an artifact location (a run's or a logged model's)."""
+    """Delete everything under an artifact location (a run's or a logged model's), as `mlflow gc`
+    does; no public call deletes artifacts (private: `get_artifact_repository`)."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     get_artifact_repository(location).delete_artifacts()
 
 
 # ---------------------------------------------------------------------------------------------
-# raw SQL on MLflow's tables: a copied or moved default store
+# raw SQL on MLflow's tables: a copied or moved default store (MLflow has no API to change an
+# experiment's, run's or logged model's artifact location)
 
-_RELOCATED = (("experiments", "artifact_location"), ("runs", "artifact_uri"), ("logged_models", "artifact_location"))
+_ARTIFACT_LOCATION_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                              ("logged_models", "artifact_location"))
 
 
 def _old_store_dirs(locations: list[str], here: Path) -> set[Path]:
@@ -168,7 +169,7 @@ def relocate_store(uri: str) -> int:
             for old in sorted(old_dirs):
                 for old_prefix, new_prefix in ((old.as_uri() + "/", here.as_uri() + "/"),
                                                (f"{old}/", f"{here}/")):
-                    for table, column in _RELOCATED:
+                    for table, column in _ARTIFACT_LOCATION_COLUMNS:
                         if table not in tables:
                             continue
                         cursor = con.execute(
@@ -192,4 +193,4 @@ def relocate_store(uri: str) -> int:
 
 
 __all__ = ["context_tags", "delete_artifacts", "hard_delete_logged_model", "hard_delete_run", "hard_delete_store",
-           "mlflow_name_problem", "relocate_store"]
+           "mlflow_name_problem", "optional_module", "relocate_store"]

@@ -1,8 +1,6 @@
-"""The online tracker: runs in an MLflow store through `MlflowClient` (mlflow imported lazily).
-
-Also: the store's get-or-create of experiments, closing runs that a killed process left
-RUNNING, and deleting runs (sync roll-back). Relocating a copied or moved default store is raw
-SQL on MLflow's tables: see mlflow_private."""
+"""The online tracker: runs in an MLflow store through `MlflowClient` (mlflow imported lazily),
+with retries; also the store's experiments, closing runs a dead process left RUNNING, and
+deleting runs (sync's roll-back)."""
 
 from __future__ import annotations
 
@@ -10,31 +8,56 @@ import contextlib
 import logging
 import os
 import shutil
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import _base
-from ._base import (
+from ..errors import TrackingError
+from . import interface
+from .interface import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_TAGS_PER_BATCH,
     OFF_SWITCH,
     NullRun,
-    TrackingError,
-    call_with_retries,
     dataset_record,
     first_line,
     metric_dataset,
-    retry,
 )
-from .context import STALE_TAG, owned_by_dead_process, process_identity, stale_note
+from .lifecycle import STALE_TAG, owned_by_dead_process, process_identity, stale_note
 from .mlflow_private import relocate_store
 from .roots import artifact_root, is_default_store, uri_to_path
 
 log = logging.getLogger("matekd.tracking")
 _BATCH_SIZES = {"metrics": MAX_METRICS_PER_BATCH, "params": MAX_PARAMS_TAGS_PER_BATCH,
                 "tags": MAX_PARAMS_TAGS_PER_BATCH}
+RETRIES = 3
+_sleep = time.sleep  # the retry back-off; tests replace it (patching time.sleep would hit mlflow's threads)
+
+
+def call_with_retries(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call `fn` and return its result, retrying transient failures with a doubling back-off;
+    the last failure is raised (`what` names the call for the caller's message)."""
+    for attempt in range(RETRIES):
+        try:
+            return fn(*args, **kwargs)
+        except Exception:  # mlflow raises many types for I/O and HTTP errors
+            if attempt == RETRIES - 1:
+                raise
+            _sleep(0.5 * 2 ** attempt)
+    return None  # pragma: no cover
+
+
+def retry_or_warn(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
+    """Call `fn`, retrying transient failures with a doubling back-off; after the last try,
+    warn and return False so that a tracking hiccup never stops training."""
+    try:
+        call_with_retries(what, fn, *args, **kwargs)
+        return True
+    except Exception as exc:
+        warnings.warn(f"MLflow: {what} failed after {RETRIES} tries ({exc}); training goes on", stacklevel=3)
+        return False
 
 
 def log_in_batches(call: Any, what: str, client: Any, run_id: str, kind: str, items: list[Any]) -> None:
@@ -56,59 +79,59 @@ class MlflowRun(NullRun):
         self.client = client
         self.run_id = run_id
 
-    def _call(self, what: str, fn, *args, **kwargs) -> bool:
-        return retry(what, fn, *args, **kwargs)
+    def _retry_or_warn(self, what: str, fn, *args, **kwargs) -> bool:
+        return retry_or_warn(what, fn, *args, **kwargs)
 
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None, *, model_id: str | None = None,
                     dataset: tuple[str, str] | None = None) -> None:
         from mlflow.entities import Metric
 
-        now = _base.now_ms()
+        now = interface.now_ms()
         dataset_name, dataset_digest = metric_dataset(dataset)
         items = [Metric(key, float(value), now, step or 0, model_id=model_id, dataset_name=dataset_name,
                         dataset_digest=dataset_digest) for key, value in metrics.items()]
-        log_in_batches(self._call, "log_metrics", self.client, self.run_id, "metrics", items)
+        log_in_batches(self._retry_or_warn, "log_metrics", self.client, self.run_id, "metrics", items)
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(key, str(value)[:_base.MAX_PARAM_VALUE_LENGTH]) for key, value in params.items()]
-        log_in_batches(self._call, "log_params", self.client, self.run_id, "params", items)
+        items = [Param(key, str(value)[:interface.MAX_PARAM_VALUE_LENGTH]) for key, value in params.items()]
+        log_in_batches(self._retry_or_warn, "log_params", self.client, self.run_id, "params", items)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         items = [RunTag(key, str(value)) for key, value in tags.items()]
-        log_in_batches(self._call, "set_tags", self.client, self.run_id, "tags", items)
+        log_in_batches(self._retry_or_warn, "set_tags", self.client, self.run_id, "tags", items)
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if Path(path).is_file():
-            self._call(f"log_artifact {path}", self.client.log_artifact, self.run_id, str(path), artifact_path)
+            self._retry_or_warn(f"log_artifact {path}", self.client.log_artifact, self.run_id, str(path), artifact_path)
 
     def log_artifacts(self, local_dir: str | os.PathLike, artifact_path: str | None = None) -> None:
         if Path(local_dir).is_dir():
-            self._call(f"log_artifacts {local_dir}", self.client.log_artifacts, self.run_id, str(local_dir),
-                       artifact_path)
+            self._retry_or_warn(f"log_artifacts {local_dir}", self.client.log_artifacts, self.run_id, str(local_dir),
+                                artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self._call(f"log_text {artifact_file}", self.client.log_text, self.run_id, text, artifact_file)
+        self._retry_or_warn(f"log_text {artifact_file}", self.client.log_text, self.run_id, text, artifact_file)
 
     def log_dict(self, obj: Any, artifact_file: str) -> None:
-        self._call(f"log_dict {artifact_file}", self.client.log_dict, self.run_id, obj, artifact_file)
+        self._retry_or_warn(f"log_dict {artifact_file}", self.client.log_dict, self.run_id, obj, artifact_file)
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
-        self._call(f"log_figure {artifact_file}", self.client.log_figure, self.run_id, figure, artifact_file)
+        self._retry_or_warn(f"log_figure {artifact_file}", self.client.log_figure, self.run_id, figure, artifact_file)
 
     def log_image(self, image: Any, key: str, step: int) -> None:
-        self._call(f"log_image {key}", self.client.log_image, self.run_id, image, key=key, step=step,
-                   timestamp=_base.now_ms(), synchronous=True)
+        self._retry_or_warn(f"log_image {key}", self.client.log_image, self.run_id, image, key=key, step=step,
+                            timestamp=interface.now_ms(), synchronous=True)
 
     def log_input(self, name: str, digest: str, source: str, context: str = "training", *,
                   source_type: str = "local", schema: str | None = None, profile: str | None = None,
                   tags: dict[str, Any] | None = None) -> None:
         record = dataset_record(name, digest, source, context, source_type=source_type, schema=schema,
                                 profile=profile, tags=tags)
-        self._call(f"log_input {name}", self.client.log_inputs, self.run_id, datasets=[dataset_input(record)])
+        self._retry_or_warn(f"log_input {name}", self.client.log_inputs, self.run_id, datasets=[dataset_input(record)])
 
     def log_model(self, model: Any, *, name: str, input_example: Any, registered_name: str | None = None,
                   builder: Any = None) -> str | None:
@@ -126,8 +149,8 @@ class MlflowRun(NullRun):
     def log_model_input(self, model_id: str) -> None:
         from mlflow.entities import LoggedModelInput
 
-        self._call(f"log_inputs model {model_id}", self.client.log_inputs, self.run_id,
-                   models=[LoggedModelInput(model_id)])
+        self._retry_or_warn(f"log_inputs model {model_id}", self.client.log_inputs, self.run_id,
+                            models=[LoggedModelInput(model_id)])
 
     def set_model_alias(self, model_id: str, alias: str) -> None:
         from .models import set_alias
@@ -139,7 +162,8 @@ class MlflowRun(NullRun):
                           f"{first_line(exc)})", stacklevel=2)
 
     def finish(self, status: str = "FINISHED") -> None:
-        self._call("set_terminated", self.client.set_terminated, self.run_id, status, end_time=_base.now_ms())
+        self._retry_or_warn("set_terminated", self.client.set_terminated, self.run_id, status,
+                            end_time=interface.now_ms())
 
 
 def dataset_input(record: dict[str, Any]):
@@ -165,9 +189,9 @@ def client_for(uri: str):
 # MLflow's HTTP defaults (7 retries, 120 s timeout, doubling back-off) would keep a stage waiting
 # for minutes on a dead server; unless the user set them, the first contact fails within ~20 s
 # (3 tries of at most 5 s plus 3 s of back-off) and later logging calls within ~35 s.
-_PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
-              "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
-_RUN_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+_FIRST_CONTACT_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+                           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+_LOGGING_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 @contextlib.contextmanager
@@ -187,7 +211,7 @@ def experiment_id(client: Any, name: str, uri: str) -> str:
     fails with the URI and the off switch. MLflow's own get-or-create, `mlflow.set_experiment`,
     cannot set the artifact location and changes the process's active experiment."""
     try:
-        with _env_defaults(_PROBE_ENV):
+        with _env_defaults(_FIRST_CONTACT_HTTP_ENV):
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
                 location = artifact_root(uri) if uri.startswith("sqlite:") else None
@@ -202,7 +226,7 @@ def experiment_id(client: Any, name: str, uri: str) -> str:
         raise TrackingError(f"MLflow tracking store {uri} is unreachable ({type(exc).__name__}: {exc}); "
                             f"start it, point MLFLOW_TRACKING_URI elsewhere, or run with {OFF_SWITCH}") from exc
     finally:
-        for key, value in _RUN_ENV.items():
+        for key, value in _LOGGING_HTTP_ENV.items():
             os.environ.setdefault(key, value)
     if experiment.lifecycle_stage != "active":
         raise TrackingError(f"MLflow experiment {name!r} in {uri} is deleted: restore it (`mlflow experiments "
@@ -214,7 +238,7 @@ def experiment_id(client: Any, name: str, uri: str) -> str:
 def create_run(*, experiment: str, run_name: str, stage: str, tags: dict[str, str],
                parent_run_id: str | None = None, uri: str) -> MlflowRun:
     """Open a new run; first close the runs of this stage that a dead process of this host left
-    RUNNING. `tags` are complete (context.run_tags)."""
+    RUNNING. `tags` are complete (provenance.run_tags)."""
     if is_default_store(uri):
         relocate_store(uri)
     client = client_for(uri)
@@ -224,7 +248,7 @@ def create_run(*, experiment: str, run_name: str, stage: str, tags: dict[str, st
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     try:
-        created = client.create_run(exp_id, run_name=run_name, start_time=_base.now_ms(), tags=all_tags)
+        created = client.create_run(exp_id, run_name=run_name, start_time=interface.now_ms(), tags=all_tags)
     except Exception as exc:
         raise TrackingError(f"MLflow tracking store {uri} refused a new run ({exc}); run with {OFF_SWITCH}") from exc
     return MlflowRun(client, created.info.run_id)
@@ -235,14 +259,14 @@ def reopen_run(run_id: str, uri: str) -> MlflowRun | None:
     no active run of that id)."""
     client = client_for(uri)
     try:
-        with _env_defaults(_PROBE_ENV):
+        with _env_defaults(_FIRST_CONTACT_HTTP_ENV):
             run = client.get_run(run_id)
     except Exception:
         return None
     if run.info.lifecycle_stage != "active":
         return None
     reopened = MlflowRun(client, run_id)
-    reopened._call("update_run", client.update_run, run_id, status="RUNNING")
+    reopened._retry_or_warn("update_run", client.update_run, run_id, status="RUNNING")
     reopened.set_tags(process_identity())
     return reopened
 
@@ -263,7 +287,7 @@ def close_stale_runs(client: Any, exp_id: str, stage: str) -> list[str]:
             continue
         try:
             client.set_tag(run.info.run_id, STALE_TAG, stale_note(tags, stage))
-            client.set_terminated(run.info.run_id, "FAILED", end_time=_base.now_ms())
+            client.set_terminated(run.info.run_id, "FAILED", end_time=interface.now_ms())
             closed.append(run.info.run_id)
         except Exception as exc:
             log.warning("matekd: could not close stale run %s (%s)", run.info.run_id, exc)

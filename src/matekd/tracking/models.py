@@ -1,18 +1,8 @@
-"""Trained models as MLflow models: checked requests, the architecture's builder, the pt2
-export and the store calls (a logged model with signature and input example, registered as a
-new version). Shared by the online tracker, the offline tracker and sync, so that a synced model
-is logged exactly like an online one. mlflow is imported only where the store is written.
-
-Serialisation: `torch.export` (MLflow's `pt2` format). The archive holds the traced graph and
-the weights as raw tensors; MLflow checks that it is free of pickle payloads when loading with
-MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false, so a downloaded model can be loaded without running
-code from it. The `pickle` format (cloudpickle of the module) would need the class on import and
-runs arbitrary code on load. pt2 costs: loading gives back a `torch.fx.GraphModule`, not the
-matekd class (the logged model's `matekd.builder` tags say how to rebuild that from the stage's
-safetensors weights), the batch dimension is
-dynamic only when the input example has a batch of 2 or more, and the first export in a process
-takes ~3.5 s on a CPU core (~0.7 s for each later ResNet20).
-"""
+"""Trained models as MLflow models, logged the same way online and at sync: a checked request,
+the architecture's builder (how to rebuild it without pickle), the `pt2` export (torch.export:
+no pickle payload, so a downloaded model loads without running its code; the batch dimension is
+free only for an input example with a batch of 2 or more) and the store calls that log and
+register it. mlflow is imported only where the store is written."""
 
 from __future__ import annotations
 
@@ -29,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MatekdError
-from ._base import first_line
+from .interface import first_line
 from .roots import uri_to_path
 
 LOGGED_MODEL_BAD_CHARS = ("/", ":", ".", "%", '"', "'")  # mlflow.utils.validation._validate_logged_model_name
@@ -37,7 +27,7 @@ REGISTERED_MODEL_BAD_CHARS = ("/", ":")                  # mlflow.utils.validati
 BUILDER_TAG, BUILDER_KWARGS_TAG, FORMAT_TAG = "matekd.builder", "matekd.builder_kwargs", "matekd.serialization"
 SERIALIZATION = "pt2"
 MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # mlflow.utils.mlflow_tags.MLFLOW_MODEL_VERSIONS
-_TARGET = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
+_BUILDER_TARGET = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 
 
 class ModelRequestError(MatekdError):
@@ -66,7 +56,7 @@ class ModelBuilder:
 
     def problem(self) -> str | None:
         """Why this builder cannot be recorded (None when it can)."""
-        if not isinstance(self.target, str) or not _TARGET.match(self.target):
+        if not isinstance(self.target, str) or not _BUILDER_TARGET.match(self.target):
             return f"builder target {self.target!r} is not of the form 'package.module:callable'"
         try:
             if json.loads(json.dumps(dict(self.kwargs))) != dict(self.kwargs):

@@ -1,37 +1,7 @@
-"""The offline tracker: each run is a folder that `sync_runs` imports into MLflow later. Works
-without mlflow installed (the GPU machine).
-
-Layout of `<offline_dir>/<run id>/` (the run id is a uuid4 hex, like MLflow's):
-
-    run.json         rewritten atomically (temp file + rename) on every change: format,
-                     run_id, experiment, run_name, parent_run_id (the parent's offline id, or
-                     an MLflow run id), status, start_time, end_time (ms), tags, params,
-                     inputs (dataset inputs), host, pid; and models (log_model), each
-                     {name, registered_name, builder {target, kwargs}, weights, input_example},
-                     the last two {path, size, sha256}; aliases (set_model_alias), each
-                     {model_id, alias}; model_inputs (log_model_input), model ids
-    metrics.jsonl    append-only, one line per metric value, flushed per call:
-                     {"key", "value", "step", "timestamp"}, and for a logged model's metric
-                     "model_id" (the <id> of a models/<id>/ folder of this or another run of
-                     the folder; sync maps it) with "dataset_name" and "dataset_digest"
-    artifacts.jsonl  append-only, one line per logged file: {"path", "size", "sha256"};
-                     the file is artifacts/<path> (written to a temp file, then renamed)
-    artifacts/       the files, under their artifact paths
-    images.jsonl     append-only: {"key", "step", "timestamp", "file"} for log_image
-    images/          the images as given: numpy arrays as .npy, PIL images as .png
-    models/<id>/     weights.safetensors (the state dict) and input_example.npy of a logged model;
-                     sync rebuilds the model from its builder and logs it as online
-
-A run folder is built as `.<id>.tmp` and renamed into place, so a folder that exists always has
-its run.json and the three (possibly empty) record files; entries starting with "." are ignored.
-The format is `matekd-offline-run/1`, or `/2` once a model is logged (an older matekd then
-refuses the folder instead of syncing it without its models).
-A run whose process died (SIGKILL, power loss) keeps status RUNNING: its next start of the same
-stage on this host closes it as FAILED (as online), and `sync_runs` imports one still RUNNING
-as FAILED with the tag `matekd.sync_note` unless its process is alive on this host (then it is
-skipped). A truncated or unparsable file, a record without its fields, an artifact or image
-listed but missing or changed, is corruption: `read_folder` refuses it naming the file.
-"""
+"""The offline tracker: each run is a folder that `sync_runs` imports into MLflow later (works
+without mlflow: the GPU machine), and the reading and checking of such folders. A folder is
+built as `.<id>.tmp` and renamed into place; a truncated or unparsable file, a record without its
+fields, a listed file missing or changed is corruption, refused naming the file."""
 
 from __future__ import annotations
 
@@ -49,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import MatekdError
+from ..errors import MatekdError, TrackingError
 from ..storage import atomic_dir, atomic_path, save_tensors, sha256_file
-from . import _base
-from ._base import NullRun, OfflineRunError, dataset_record, first_line, metric_dataset, name_problem
-from .context import (
+from . import interface
+from .interface import OFF_SWITCH, NullRun, dataset_record, first_line, metric_dataset, name_problem
+from .lifecycle import (
     STALE_TAG,
     host_identity,
     owned_by_dead_process,
@@ -71,10 +41,22 @@ from .models import (
     state_dict_of,
 )
 
+# `<offline_dir>/<run id>/` (a uuid4 hex, like MLflow's run ids) holds:
+#   run.json         the run (format, run_id, experiment, run_name, parent_run_id, status, start_time,
+#                    end_time, tags, params, inputs, host, pid; models, aliases, model_inputs), replaced
+#                    atomically on every change
+#   metrics.jsonl    append-only {key, value, step, timestamp[, model_id, dataset_name, dataset_digest]}
+#   artifacts.jsonl  append-only {path, size, sha256} of artifacts/<path>
+#   images.jsonl     append-only {key, step, timestamp, file} of images/ (.npy arrays, .png PIL images)
+#   models/<id>/     weights.safetensors and input_example.npy of a logged model (sync rebuilds it)
 FORMAT = "matekd-offline-run/1"
-FORMAT_WITH_MODELS = "matekd-offline-run/2"  # /1 plus `models` in run.json
+FORMAT_WITH_MODELS = "matekd-offline-run/2"  # /1 plus `models` in run.json: an older matekd refuses it
 FORMATS = (FORMAT, FORMAT_WITH_MODELS)
 RUN_FILE, METRICS_FILE, ARTIFACTS_FILE, IMAGES_FILE = "run.json", "metrics.jsonl", "artifacts.jsonl", "images.jsonl"
+
+
+class OfflineRunError(MatekdError):
+    """An offline run folder is corrupt or incomplete (the message names the file)."""
 
 
 def new_run_id() -> str:
@@ -113,7 +95,7 @@ class OfflineRun(NullRun):
         self.record = record
         self.run_id = record["run_id"]
         self._lock = threading.Lock()
-        self._metrics = None
+        self._metrics_file = None
 
     # ---- opening
 
@@ -123,7 +105,7 @@ class OfflineRun(NullRun):
         root = Path(root)
         run_id = new_run_id()
         record = {"format": FORMAT, "run_id": run_id, "experiment": experiment, "run_name": run_name,
-                  "parent_run_id": parent_run_id, "status": "RUNNING", "start_time": _base.now_ms(),
+                  "parent_run_id": parent_run_id, "status": "RUNNING", "start_time": interface.now_ms(),
                   "end_time": None, "tags": {str(k): str(v) for k, v in tags.items()}, "params": {},
                   "inputs": [], "host": host_identity(), "pid": os.getpid()}
         try:
@@ -132,8 +114,8 @@ class OfflineRun(NullRun):
                     (staging / name).touch()
                 _write_json_atomic(staging / RUN_FILE, record)
         except MatekdError as exc:
-            raise _base.TrackingError(f"cannot create an offline run in {root} ({exc}); "
-                                      f"point MATEKD_OFFLINE_DIR elsewhere or run with {_base.OFF_SWITCH}") from exc
+            raise TrackingError(f"cannot create an offline run in {root} ({exc}); "
+                                f"point MATEKD_OFFLINE_DIR elsewhere or run with {OFF_SWITCH}") from exc
         return cls(root / run_id, record)
 
     @classmethod
@@ -148,7 +130,7 @@ class OfflineRun(NullRun):
         run = cls(folder, record)
         run.record.update(status="RUNNING", end_time=None, host=host_identity(), pid=os.getpid())
         run.record["tags"].update(process_identity())
-        run._save("reopen")
+        run._save_record("reopen")
         return run
 
     # ---- helpers
@@ -156,7 +138,7 @@ class OfflineRun(NullRun):
     def _warn(self, what: str, why: Any) -> None:
         warnings.warn(f"offline tracking: {what} failed ({why}); training goes on", stacklevel=3)
 
-    def _save(self, what: str) -> bool:
+    def _save_record(self, what: str) -> bool:
         try:
             _write_json_atomic(self.folder / RUN_FILE, self.record)
             return True
@@ -164,19 +146,19 @@ class OfflineRun(NullRun):
             self._warn(what, exc)
             return False
 
-    def _append(self, name: str, lines: list[dict[str, Any]]) -> None:
+    def _append_lines(self, name: str, lines: list[dict[str, Any]]) -> None:
         text = "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines)
         if name == METRICS_FILE:
-            if self._metrics is None:
-                self._metrics = open(self.folder / METRICS_FILE, "a", encoding="utf-8")
-            self._metrics.write(text)
-            self._metrics.flush()
+            if self._metrics_file is None:
+                self._metrics_file = open(self.folder / METRICS_FILE, "a", encoding="utf-8")
+            self._metrics_file.write(text)
+            self._metrics_file.flush()
         else:
             with open(self.folder / name, "a", encoding="utf-8") as handle:
                 handle.write(text)
 
     @contextlib.contextmanager
-    def _artifact(self, what: str, artifact_file: str) -> Iterator[Path | None]:
+    def _new_artifact(self, what: str, artifact_file: str) -> Iterator[Path | None]:
         """Yield a temporary path named like the artifact; on success move it to
         artifacts/<artifact_file> and list it in artifacts.jsonl."""
         rel = _safe_artifact_path(artifact_file)
@@ -200,7 +182,7 @@ class OfflineRun(NullRun):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 size, digest = tmp.stat().st_size, sha256_file(tmp)
                 os.replace(tmp, target)
-                self._append(ARTIFACTS_FILE, [{"path": rel, "size": size, "sha256": digest}])
+                self._append_lines(ARTIFACTS_FILE, [{"path": rel, "size": size, "sha256": digest}])
             except Exception as exc:  # a figure type, a serialisation, the disk: warn and go on
                 self._warn(what, getattr(exc, "strerror", None) or exc)
             finally:
@@ -210,7 +192,7 @@ class OfflineRun(NullRun):
 
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None, *, model_id: str | None = None,
                     dataset: tuple[str, str] | None = None) -> None:
-        now = _base.now_ms()
+        now = interface.now_ms()
         dataset_name, dataset_digest = metric_dataset(dataset)
         # The links are written only when present: a plain metric's line stays as before.
         links = {key: value for key, value in (("model_id", model_id), ("dataset_name", dataset_name),
@@ -227,12 +209,12 @@ class OfflineRun(NullRun):
             return
         with self._lock:
             try:
-                self._append(METRICS_FILE, lines)
+                self._append_lines(METRICS_FILE, lines)
             except OSError as exc:
                 self._warn("log_metrics", exc.strerror or exc)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        values = {str(k): str(v)[:_base.MAX_PARAM_VALUE_LENGTH] for k, v in params.items()}
+        values = {str(k): str(v)[:interface.MAX_PARAM_VALUE_LENGTH] for k, v in params.items()}
         problems = [p for p in (name_problem("param", k) for k in values) if p]
         known = self.record["params"]
         problems += [f"param {k!r} was already logged as {known[k]!r}, not {v!r} (params are immutable)"
@@ -242,24 +224,24 @@ class OfflineRun(NullRun):
             return
         with self._lock:
             known.update(values)
-            self._save("log_params")
+            self._save_record("log_params")
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        values = {str(k): str(v)[:_base.MAX_TAG_VALUE_LENGTH] for k, v in tags.items()}
+        values = {str(k): str(v)[:interface.MAX_TAG_VALUE_LENGTH] for k, v in tags.items()}
         problems = [p for p in (name_problem("tag", k) for k in values) if p]
         if problems:
             self._warn("set_tags", "; ".join(problems))
             return
         with self._lock:
             self.record["tags"].update(values)
-            self._save("set_tags")
+            self._save_record("set_tags")
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         source = Path(path)
         if not source.is_file():
             return  # as MlflowRun: a missing file is skipped
         name = f"{artifact_path.strip('/')}/{source.name}" if artifact_path else source.name
-        with self._artifact(f"log_artifact {path}", name) as tmp:
+        with self._new_artifact(f"log_artifact {path}", name) as tmp:
             if tmp is not None:
                 shutil.copyfile(source, tmp)
 
@@ -270,18 +252,18 @@ class OfflineRun(NullRun):
         for file in sorted(p for p in folder.rglob("*") if p.is_file()):
             rel = file.relative_to(folder).as_posix()
             name = f"{artifact_path.strip('/')}/{rel}" if artifact_path else rel
-            with self._artifact(f"log_artifacts {local_dir}", name) as tmp:
+            with self._new_artifact(f"log_artifacts {local_dir}", name) as tmp:
                 if tmp is not None:
                     shutil.copyfile(file, tmp)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        with self._artifact(f"log_text {artifact_file}", artifact_file) as tmp:
+        with self._new_artifact(f"log_text {artifact_file}", artifact_file) as tmp:
             if tmp is not None:
                 tmp.write_text(text, encoding="utf-8")
 
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         """As MlflowClient.log_dict: YAML for .yml/.yaml, else JSON (indent 2, str() for the rest)."""
-        with self._artifact(f"log_dict {artifact_file}", artifact_file) as tmp:
+        with self._new_artifact(f"log_dict {artifact_file}", artifact_file) as tmp:
             if tmp is None:
                 return
             with open(tmp, "w") as handle:
@@ -297,7 +279,7 @@ class OfflineRun(NullRun):
         extension), a plotly figure as HTML or an image."""
         import sys
 
-        with self._artifact(f"log_figure {artifact_file}", artifact_file) as tmp:
+        with self._new_artifact(f"log_figure {artifact_file}", artifact_file) as tmp:
             if tmp is None:
                 return
             if "matplotlib" in sys.modules and _is_matplotlib_figure(figure):
@@ -313,8 +295,8 @@ class OfflineRun(NullRun):
     def log_image(self, image: Any, key: str, step: int) -> None:
         """A stepped image (the UI's image slider after sync): kept as given, numpy arrays as
         .npy and PIL images as lossless PNG, and replayed through MlflowClient.log_image."""
-        now = _base.now_ms()
-        if not isinstance(key, str) or not _base.IMAGE_KEY.match(key):
+        now = interface.now_ms()
+        if not isinstance(key, str) or not interface.IMAGE_KEY.match(key):
             self._warn(f"log_image {key}", "the key may only contain alphanumerics, _, -, ., spaces and /")
             return
         writer = _image_writer(image)
@@ -327,7 +309,7 @@ class OfflineRun(NullRun):
             try:
                 with atomic_path(self.folder / name) as tmp, open(tmp, "wb") as handle:
                     write(handle)
-                self._append(IMAGES_FILE, [{"key": key, "step": int(step or 0), "timestamp": now, "file": name}])
+                self._append_lines(IMAGES_FILE, [{"key": key, "step": int(step or 0), "timestamp": now, "file": name}])
             except (OSError, ValueError, TypeError, MatekdError) as exc:
                 self._warn(f"log_image {key}", getattr(exc, "strerror", None) or exc)
 
@@ -337,7 +319,7 @@ class OfflineRun(NullRun):
         with self._lock:
             self.record["inputs"].append(dataset_record(name, digest, source, context, source_type=source_type,
                                                         schema=schema, profile=profile, tags=tags))
-            self._save(f"log_input {name}")
+            self._save_record(f"log_input {name}")
 
     def log_model(self, model: Any, *, name: str, input_example: Any, registered_name: str | None = None,
                   builder: Any = None) -> str | None:
@@ -377,30 +359,30 @@ class OfflineRun(NullRun):
                 {"name": request.name, "registered_name": request.registered_name,
                  "builder": request.builder.to_json(), **files})
             self.record["format"] = FORMAT_WITH_MODELS
-            self._save(f"log_model {name}")
+            self._save_record(f"log_model {name}")
         return model_id
 
     def log_model_input(self, model_id: str) -> None:
         """Recorded in run.json's `model_inputs`; sync maps the id and logs it."""
         with self._lock:
             self.record.setdefault("model_inputs", []).append(str(model_id))
-            self._save(f"log_model_input {model_id}")
+            self._save_record(f"log_model_input {model_id}")
 
     def set_model_alias(self, model_id: str, alias: str) -> None:
         """Recorded in run.json's `aliases`; sync sets it once the model is imported."""
         with self._lock:
             self.record.setdefault("aliases", []).append({"model_id": str(model_id), "alias": str(alias)})
-            self._save(f"alias {alias}")
+            self._save_record(f"alias {alias}")
 
     def finish(self, status: str = "FINISHED") -> None:
         with self._lock:
             self.record["status"] = status
-            self.record["end_time"] = _base.now_ms()
-            if self._metrics is not None:
+            self.record["end_time"] = interface.now_ms()
+            if self._metrics_file is not None:
                 with contextlib.suppress(OSError):
-                    self._metrics.close()
-                self._metrics = None
-            self._save("finish")
+                    self._metrics_file.close()
+                self._metrics_file = None
+            self._save_record("finish")
 
 
 def _is_matplotlib_figure(figure: Any) -> bool:
@@ -502,7 +484,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _read_lines(path: Path, check: Callable[[dict[str, Any]], str | None]) -> list[dict[str, Any]]:
+def _read_jsonl(path: Path, check: Callable[[dict[str, Any]], str | None]) -> list[dict[str, Any]]:
     if not path.is_file():
         raise OfflineRunError(f"{path}: missing (the run folder is incomplete)")
     try:
@@ -547,7 +529,7 @@ def _check_artifact(item: dict[str, Any]) -> str | None:
 
 
 def _check_image(item: dict[str, Any]) -> str | None:
-    if not isinstance(item.get("key"), str) or not _base.IMAGE_KEY.match(item["key"]):
+    if not isinstance(item.get("key"), str) or not interface.IMAGE_KEY.match(item["key"]):
         return f"image key {item.get('key')!r} is missing or invalid"
     if not _is_int(item.get("step")) or not _is_int(item.get("timestamp")):
         return "image record without an integer step and timestamp"
@@ -568,8 +550,8 @@ def _check_meta(meta: Any, folder: Path) -> str | None:
     for name in ("experiment", "run_name"):
         if not isinstance(meta.get(name), str) or not meta[name]:
             return f"{name!r} is missing"
-    if meta.get("status") not in _base.RUN_STATUSES:
-        return f"status {meta.get('status')!r} is not one of {', '.join(_base.RUN_STATUSES)}"
+    if meta.get("status") not in interface.RUN_STATUSES:
+        return f"status {meta.get('status')!r} is not one of {', '.join(interface.RUN_STATUSES)}"
     if not _is_int(meta.get("start_time")):
         return "start_time is missing"
     if meta.get("end_time") is not None and not _is_int(meta["end_time"]):
@@ -633,7 +615,7 @@ def _check_model(item: Any) -> str | None:
     return f"model {name!r}: {'; '.join(problems)}" if problems else None
 
 
-def _differs(file: Path, entry: dict[str, Any]) -> bool:
+def _differs_from_record(file: Path, entry: dict[str, Any]) -> bool:
     """Whether `file` lacks the size or sha256 that its record `entry` gives."""
     return file.stat().st_size != entry["size"] or sha256_file(file) != entry["sha256"]
 
@@ -650,16 +632,16 @@ def read_run(folder: Path) -> OfflineRecord:
     if problem := _check_meta(meta, folder):
         raise OfflineRunError(f"{run_file}: {problem}")
     record = OfflineRecord(folder.name, folder, meta)
-    record.metrics = _read_lines(folder / METRICS_FILE, _check_metric)
-    for item in _read_lines(folder / ARTIFACTS_FILE, _check_artifact):
+    record.metrics = _read_jsonl(folder / METRICS_FILE, _check_metric)
+    for item in _read_jsonl(folder / ARTIFACTS_FILE, _check_artifact):
         record.artifacts[item["path"]] = item  # a path logged twice: the last copy is on disk
     for path, item in record.artifacts.items():
         file = folder / "artifacts" / path
         if not file.is_file():
             raise OfflineRunError(f"{file}: listed in {folder / ARTIFACTS_FILE} but missing")
-        if _differs(file, item):
+        if _differs_from_record(file, item):
             raise OfflineRunError(f"{file}: differs from what {folder / ARTIFACTS_FILE} recorded (size or sha256)")
-    record.images = _read_lines(folder / IMAGES_FILE, _check_image)
+    record.images = _read_jsonl(folder / IMAGES_FILE, _check_image)
     for item in record.images:
         if not (folder / item["file"]).is_file():
             raise OfflineRunError(f"{folder / item['file']}: listed in {folder / IMAGES_FILE} but missing")
@@ -669,7 +651,7 @@ def read_run(folder: Path) -> OfflineRecord:
             file = folder / item[key]["path"]
             if not file.is_file():
                 raise OfflineRunError(f"{file}: the {key} of model {item['name']!r} in {run_file} is missing")
-            if _differs(file, item[key]):
+            if _differs_from_record(file, item[key]):
                 raise OfflineRunError(f"{file}: the {key} of model {item['name']!r} differs from what {run_file} "
                                       "recorded (size or sha256)")
     return record
@@ -695,7 +677,7 @@ def read_folder(root: str | os.PathLike) -> dict[str, OfflineRecord]:
     return records
 
 
-def iter_parents_first(records: dict[str, OfflineRecord]) -> list[OfflineRecord]:
+def parents_first(records: dict[str, OfflineRecord]) -> list[OfflineRecord]:
     """Runs ordered so that every parent in the folder comes before its children."""
     ordered: list[OfflineRecord] = []
     placed: set[str] = set()

@@ -1,14 +1,7 @@
-"""Where tracking data goes: the store root, the workspace whose code runs, the default MLflow
-store and the offline folder.
-
-DVC runs queued experiments in a copy of the repository under `<repo>/.dvc/tmp/exps/<tmpdir>/`
-and `dvc exp run --temp` under `<repo>/.dvc/tmp/exps/standalone/<tmpdir>/`
-(dvc.repo.experiments.utils.EXEC_TMP_DIR; the executor is a git repository of its own, checked
-out at the experiment's commit with its changes applied). DVC >= 3 sets DVC_ROOT to `<repo>`
-there (queue/base.py), an older DVC or a command run by hand in the folder does not. Their runs must land in the
-store of `<repo>`, while their provenance (git commit, dirty flag) is the copy's: the store root
-maps such a folder back to `<repo>`, the workspace root does not.
-"""
+"""Where tracking data goes: the store root, the workspace whose code runs, the MLflow store and
+its artifact folder, the offline folder. A DVC experiment executor folder (a copy of the
+repository under `<repo>/.dvc/tmp/exps/`) logs into `<repo>`'s store, with the copy's git
+provenance."""
 
 from __future__ import annotations
 
@@ -18,19 +11,20 @@ from urllib.parse import unquote, urlparse
 
 from ..storage import ROOT_MARKERS, repo_root
 
-EXPS = (".dvc", "tmp", "exps")
+DVC_EXECUTORS = (".dvc", "tmp", "exps")  # the folder under which DVC runs experiment executors
 DEFAULT_OFFLINE_DIR = "mlruns-offline"
 
 
 def split_exps(path: Path) -> tuple[Path, Path] | None:
     """(`<repo>`, `<repo>/.dvc/tmp/exps/<name>`) when `path` lies inside a DVC experiment
-    executor folder, else None. The outermost match wins. (For `--temp`, <name> is `standalone`
-    and the executor one level deeper: workspace_root looks for the checkout's dvc.yaml.)"""
+    executor folder (dvc.repo.experiments.utils.EXEC_TMP_DIR), else None. The outermost match
+    wins. (For `dvc exp run --temp`, <name> is `standalone` and the executor one level deeper:
+    workspace_root looks for the checkout's dvc.yaml.)"""
     parts = path.parts
-    for i in range(len(parts) - len(EXPS) - 1):
-        if parts[i + 1:i + 1 + len(EXPS)] == EXPS:
+    for i in range(len(parts) - len(DVC_EXECUTORS) - 1):
+        if parts[i + 1:i + 1 + len(DVC_EXECUTORS)] == DVC_EXECUTORS:
             origin = Path(*parts[:i + 1])
-            return origin, Path(*parts[:i + 2 + len(EXPS)])
+            return origin, Path(*parts[:i + 2 + len(DVC_EXECUTORS)])
     return None
 
 

@@ -1,31 +1,5 @@
-"""Import a folder of offline runs into an MLflow store (`matekd sync-runs DIR`).
-
-`sync_runs(folder, tracking_uri=None)` recreates every offline run with MLflow's client API:
-`create_run` with the original start time, run name and tags, `log_batch` for params and
-metrics (value, step and timestamp kept) in MLflow's batch sizes, `log_inputs` for datasets,
-`log_artifact` per recorded file, `log_image(key=, step=, timestamp=)` for stepped images, the
-recorded models (rebuilt from their builder and weights, then logged and registered as
-`log_model` does online) and `set_terminated` with the original status and end time. Parents are created before their
-children and `mlflow.parentRunId` points to the parent's new MLflow id.
-
-- Checked first, imported after: the whole folder is read and checked (see offline.read_run)
-  and every parent must be in the folder or already in the store, before anything is written;
-  a problem raises OfflineRunError naming the file. A model's builder must be importable here.
-  A model that torch.export cannot export is reported (warning and `models_failed`) and its run
-  imported without it, as online logging would have done.
-- Idempotent: each imported run carries `matekd.offline_run_id`; a run already present is
-  skipped. While a run is being imported it also carries `matekd.sync_importing` (host and pid
-  of the sync); a run left with it by a sync that died is removed and imported again.
-- All or nothing: if the store fails half-way, the runs this sync created are removed
-  (permanently on SQL stores, as `mlflow gc` does; soft-deleted elsewhere) and TrackingError
-  says which. Experiments it created stay (empty): a deleted experiment's name stays taken.
-- A run still RUNNING: skipped (with its descendants) while its process is alive on this host,
-  else imported as FAILED with the tag `matekd.sync_note` and its last record's time as end time.
-- Links between runs are mapped to the new ids: the tags `training_run_id` (a run) and
-  `logged_model_id` (a model), model metrics (`model_id` of a metric line, MLflow 3's metrics of
-  a logged model, with their dataset), model inputs and registered-model aliases. A link to a
-  model this sync did not import (e.g. synced earlier) is left out and counted in `unlinked`.
-"""
+"""Import a folder of offline runs into an MLflow store (`matekd sync-runs DIR`), with MLflow's
+client API, keeping names, steps, timestamps, statuses and the links between runs and models."""
 
 from __future__ import annotations
 
@@ -36,13 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import MatekdError, TrackingError
 from . import roots
-from ._base import MatekdError, OfflineRunError, TrackingError
-from .context import owned_by_live_process, process_identity
+from .lifecycle import owned_by_live_process, process_identity
 from .mlflow_private import relocate_store
 from .mlflow_store import client_for, dataset_input, delete_runs, experiment_id, log_in_batches
 from .models import ModelBuilder, ModelExportError, ModelRequestError, load_offline_model, log_to_store, set_alias
-from .offline import RUN_FILE, OfflineRecord, iter_parents_first, load_image, read_folder
+from .offline import RUN_FILE, OfflineRecord, OfflineRunError, load_image, parents_first, read_folder
 
 OFFLINE_ID_TAG = "matekd.offline_run_id"
 IMPORTING_TAG = "matekd.sync_importing"
@@ -87,7 +61,7 @@ class SyncSummary:
         return f"{self.folder} -> {self.tracking_uri}: " + ", ".join(parts)
 
 
-def _store_runs(client: Any) -> tuple[dict[str, str], list[tuple[str, str, str]]]:
+def _imported_runs(client: Any) -> tuple[dict[str, str], list[tuple[str, str, str]]]:
     """Runs of the store that came from offline runs: ({offline id: run id} of complete
     imports, [(offline id, run id, importing tag)] of imports a sync did not finish)."""
     from mlflow.entities import ViewType
@@ -118,14 +92,14 @@ def _store_runs(client: Any) -> tuple[dict[str, str], list[tuple[str, str, str]]
     return complete, partial
 
 
-def _run_exists(client: Any, run_id: str) -> bool:
+def _active_run_exists(client: Any, run_id: str) -> bool:
     try:
         return client.get_run(run_id).info.lifecycle_stage == "active"
     except Exception:
         return False
 
 
-def _importer_alive(tag: str) -> bool:
+def _importing_sync_alive(tag: str) -> bool:
     try:
         owner = json.loads(tag)
     except ValueError:
@@ -133,7 +107,7 @@ def _importer_alive(tag: str) -> bool:
     return owned_by_live_process(owner)
 
 
-def _direct(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+def _call_once(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     return fn(*args, **kwargs)  # sync does not retry: a failure rolls the sync back
 
 
@@ -151,7 +125,7 @@ def _import_models(client: Any, run_id: str, record: OfflineRecord, summary: Syn
             raise OfflineRunError(str(exc)) from exc
         label = f"{request.name} of run {record.run_id}"
         try:
-            result = log_to_store(client, run_id, model, request, _direct)
+            result = log_to_store(client, run_id, model, request, _call_once)
         except ModelExportError as exc:
             warnings.warn(f"sync: {label} was not logged: {exc}", stacklevel=3)
             summary.models_failed.append(f"{label}: {exc}")
@@ -162,7 +136,7 @@ def _import_models(client: Any, run_id: str, record: OfflineRecord, summary: Syn
         summary.models.append(label)
 
 
-def _metric(line: dict[str, Any], models: dict[str, str], summary: SyncSummary, record: OfflineRecord):
+def _metric_entity(line: dict[str, Any], models: dict[str, str], summary: SyncSummary, record: OfflineRecord):
     """An offline metric line as an MLflow Metric, its model link mapped to the synced model (a
     model this sync did not import, e.g. one synced earlier, leaves the metric unlinked)."""
     from mlflow.entities import Metric
@@ -198,7 +172,7 @@ def _import_run(client: Any, uri: str, record: OfflineRecord, parent: str | None
     run_id = client.create_run(experiments[name], start_time=meta["start_time"], tags=tags,
                                run_name=meta["run_name"]).info.run_id
     try:
-        log_in_batches(_direct, "log_params", client, run_id, "params",
+        log_in_batches(_call_once, "log_params", client, run_id, "params",
                        [Param(k, v) for k, v in meta["params"].items()])
         if meta["inputs"]:
             client.log_inputs(run_id, datasets=[dataset_input(item) for item in meta["inputs"]])
@@ -219,11 +193,11 @@ def _import_run(client: Any, uri: str, record: OfflineRecord, parent: str | None
             if item["model_id"] not in models:
                 summary.unlinked.append(f"alias {item['alias']} of run {record.run_id} "
                                                 f"(model {item['model_id']})")
-            elif label := set_alias(client, models[item["model_id"]], item["alias"], _direct):
+            elif label := set_alias(client, models[item["model_id"]], item["alias"], _call_once):
                 summary.aliases.append(label)
         # After the models: a metric of this run's own model links to it.
-        log_in_batches(_direct, "log_metrics", client, run_id, "metrics",
-                       [_metric(m, models, summary, record) for m in record.metrics])
+        log_in_batches(_call_once, "log_metrics", client, run_id, "metrics",
+                       [_metric_entity(m, models, summary, record) for m in record.metrics])
         client.set_terminated(run_id, status, end_time=end_time)
         client.delete_tag(run_id, IMPORTING_TAG)
     except BaseException as exc:
@@ -234,10 +208,23 @@ def _import_run(client: Any, uri: str, record: OfflineRecord, parent: str | None
 
 def sync_runs(folder: str | Path, tracking_uri: str | None = None) -> SyncSummary:
     """Import every offline run of `folder` into the MLflow store at `tracking_uri` (default:
-    the store `tracking_uri()` resolves: MLFLOW_TRACKING_URI or `<repo>/mlruns/mlflow.db`).
-    Returns what was done; raises OfflineRunError (a MatekdError) for a corrupt folder, before
-    anything is imported, and TrackingError when the store fails (after removing what this sync
-    created)."""
+    the store `tracking_uri()` resolves: MLFLOW_TRACKING_URI or `<repo>/mlruns/mlflow.db`), as
+    online logging would have recorded it, parents before children; returns what was done.
+
+    - Checked first: the whole folder is read and checked, every parent must be in the folder or
+      the store and every model's builder importable, before anything is written; else
+      OfflineRunError (a MatekdError) names the file. A model torch.export cannot export is
+      reported (`models_failed`) and its run imported without it.
+    - Idempotent: an imported run carries `matekd.offline_run_id` and is skipped next time; one
+      left half-imported (`matekd.sync_importing`) by a sync that died is removed and redone.
+    - All or nothing: when the store fails, the runs this sync created are removed (permanently
+      on SQL stores) and TrackingError says so; experiments it created stay (a deleted one's name
+      stays taken).
+    - A run still RUNNING is skipped, with its children, while its process lives on this host,
+      else imported as FAILED (`matekd.sync_note`) ending at its last record.
+    - Links are mapped to the new ids: the tags `training_run_id` and `logged_model_id`, model
+      metrics, model inputs and aliases; a link to a model not in this sync is counted in
+      `unlinked`."""
     folder = Path(folder)
     records = read_folder(folder)  # every local check before the store is contacted
     uri = tracking_uri or roots.tracking_uri()
@@ -246,7 +233,7 @@ def sync_runs(folder: str | Path, tracking_uri: str | None = None) -> SyncSummar
     client = client_for(uri)
     summary = SyncSummary(folder=folder, tracking_uri=uri)
     try:
-        present, partial = _store_runs(client)
+        present, partial = _imported_runs(client)
     except Exception as exc:
         raise TrackingError(f"MLflow tracking store {uri} is unreachable ({type(exc).__name__}: {exc}); "
                             "start it or point MLFLOW_TRACKING_URI (or --tracking-uri) elsewhere") from exc
@@ -259,16 +246,16 @@ def sync_runs(folder: str | Path, tracking_uri: str | None = None) -> SyncSummar
                 raise OfflineRunError(f"{record.folder / RUN_FILE}: model {entry['name']!r}: {exc}") from None
     for record in records.values():
         parent = record.meta.get("parent_run_id")
-        if parent and parent not in records and parent not in present and not _run_exists(client, parent):
+        if parent and parent not in records and parent not in present and not _active_run_exists(client, parent):
             raise OfflineRunError(f"{record.folder / RUN_FILE}: parent run {parent} is neither in {folder} "
                                   f"nor in the store {uri}")
     redo = [(offline_id, run_id, owner) for offline_id, run_id, owner in partial if offline_id in records]
     for offline_id, _, owner in redo:
-        if _importer_alive(owner):
+        if _importing_sync_alive(owner):
             raise MatekdError(f"another sync (pid {json.loads(owner).get('matekd.pid')}) is importing offline "
                               f"run {offline_id} into {uri} right now; wait for it to end")
 
-    ordered = iter_parents_first(records)
+    ordered = parents_first(records)
     deferred: set[str] = set()
     for record in ordered:
         if record.process_alive_here or record.meta.get("parent_run_id") in deferred:

@@ -20,10 +20,10 @@ from .space import apply_values, check_space, make_pruner, method_space, select_
 from .storage import StorageSpec, check_workers, resolve_storage
 from .study import MethodStudy, metrics_record, open_study, summarise, teacher_identity, tuned_meta
 from .trials import log_summary, read_records, records_folder, records_path, study_run
-from .workers import SignalsMemo, optimise, worker_devices
+from .workers import TeacherOutputsMemo, optimise, worker_devices
 
 __all__ = [
-    "MethodStudy", "SignalsMemo", "StorageSpec", "apply_values", "check_space", "check_workers", "fail_orphans",
+    "MethodStudy", "TeacherOutputsMemo", "StorageSpec", "apply_values", "check_space", "check_workers", "fail_orphans",
     "log_summary",
     "make_pruner", "method_space", "metrics_record", "open_study", "optimise", "read_records", "records_folder",
     "records_path", "resolve_storage", "select_methods", "study_run", "summarise", "teacher_identity", "tuned_meta",

@@ -16,7 +16,7 @@ import warnings
 
 import optuna
 
-from ..tracking.context import host_identity, pid_alive, process_start
+from ..tracking.lifecycle import host_identity, pid_alive, process_start
 
 TrialState = optuna.trial.TrialState
 MAX_RETRY = 1  # a killed trial is rerun once with the same parameters

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from .. import methods as method_table
 from ..errors import ParamsError
 from ..methods import Method
-from ..params import Params, SpaceEntry, TuneParams, param_key, set_distill_values
+from ..params import Params, SpaceEntry, TuneParams, param_key, with_distill_values
 
 # A method whose space has none of these example ranges can still be tuned on its learning rate.
 EXAMPLE_RANGE = "lr: {low: 0.01, high: 0.4, log: true}"
@@ -58,7 +58,7 @@ def apply_values(params: Params, values: dict[str, float], epochs: int | None = 
     out = params.model_copy(deep=True)
     if epochs is not None:
         out.distill.recipe.epochs = epochs
-    set_distill_values(out.distill, {dotted: float(value) for dotted, value in values.items()})
+    out.distill = with_distill_values(out.distill, {dotted: float(value) for dotted, value in values.items()})
     return out
 
 

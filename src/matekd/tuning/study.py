@@ -63,7 +63,7 @@ def study_signature(params: Params, method: Method, space: dict[str, SpaceEntry]
                     teachers: dict[str, dict[str, str]]) -> dict[str, Any]:
     """What makes this method's trials comparable (JSON-safe: compared with the stored copy)."""
     tune, distill = params.tune, params.distill
-    fixed = {param_key(h): getattr(distill, h) for h in method.hyperparameters if param_key(h) not in space}
+    fixed = {param_key(h): getattr(distill, h) for h in method.keys if param_key(h) not in space}
     recipe = {f"distill.recipe.{k}": v for k, v in distill.recipe.model_dump(mode="json").items()
               if f"distill.recipe.{k}" not in space and k != "epochs"}
     return {"method": method.name, "epochs": tune.epochs, "space": describe_space(space),

@@ -1,6 +1,6 @@
 """Running trials: the objective, a worker's loop, and N worker processes spread over the GPUs.
 
-The objective trains one student (matekd.students.train_students, or an injected trainer with
+The objective trains one student (matekd.training.students.train_students, or an injected trainer with
 the same signature) for tune.epochs with the trial's values and reports validation accuracy
 after every epoch, so that the pruner can stop a hopeless trial; the test set is never used.
 A diverged trial is pruned (TPE learns to avoid the region); an unexpected error fails the
@@ -35,9 +35,10 @@ from ..methods import Method
 from ..methods import get as get_method
 from ..params import Params, validate_params
 from ..precision import use_precision
-from ..students import SignalsLoader, TeacherSignals, load_signals, resolve_spec, train_students
 from ..tracking import NullRun
-from ..train import assign_round_robin, configure_determinism, visible_devices
+from ..training.loop import assign_round_robin, configure_determinism, visible_devices
+from ..training.students import resolve_spec, train_students
+from ..training.teacher_outputs import TeacherOutputs, TeacherOutputsLoader, load_teacher_outputs
 from .recovery import ATTR_DIVERGED, ATTR_ERROR, claim, fail_orphans, fail_stale
 from .space import apply_values, make_pruner, make_sampler, method_space, suggest
 from .storage import StorageSpec
@@ -45,7 +46,7 @@ from .study import MethodStudy, counts
 from .trials import EpochRecords, TrialLogger, records_folder, records_path
 
 TrialState = optuna.trial.TrialState
-Trainer = Callable[..., Any]  # the signature of matekd.students.train_students
+Trainer = Callable[..., Any]  # the signature of matekd.training.students.train_students
 MAX_CONSECUTIVE_FAILURES = 3  # a worker stops when this many of its trials in a row crash
 POLL_S = 1.0
 
@@ -65,16 +66,16 @@ def worker_devices(workers: int, devices: Sequence[str]) -> list[str]:
     return assigned
 
 
-class SignalsMemo:
+class TeacherOutputsMemo:
     """Teacher weights and caches do not change between trials (the study signature pins
     their hashes): a worker loads them once and hands the same tensors to every trial."""
 
-    def __init__(self, load: SignalsLoader = load_signals):
+    def __init__(self, load: TeacherOutputsLoader = load_teacher_outputs):
         self.load = load
-        self.memo: dict[tuple, TeacherSignals] = {}
+        self.memo: dict[tuple, TeacherOutputs] = {}
 
     def __call__(self, params: Params, names: Sequence[str], need_maps: bool, data: Prepared,
-                 device: torch.device) -> TeacherSignals:
+                 device: torch.device) -> TeacherOutputs:
         key = (tuple(names), need_maps, params.distill.teacher_signals, data.manifest_hash, str(device))
         if key not in self.memo:
             self.memo[key] = self.load(params, names, need_maps, data, device)
@@ -101,7 +102,7 @@ class WorkerJob:
 
 
 def make_objective(params: Params, method: Method, data: Prepared, device: torch.device, trainer: Trainer,
-                   job: WorkerJob, signals_loader: SignalsLoader) -> Callable[[optuna.Trial], float]:
+                   job: WorkerJob, outputs_loader: TeacherOutputsLoader) -> Callable[[optuna.Trial], float]:
     """The trial function: claim, sample, train the student for tune.epochs, report val_acc
     after every epoch (and write the epoch's record for MLflow)."""
     tune = params.tune
@@ -129,7 +130,7 @@ def make_objective(params: Params, method: Method, data: Prepared, device: torch
 
         try:
             trainer(trial_params, [spec], data, device, [NullRun()], None, job.progress, epoch_hook,
-                    with_test=False, signals_loader=signals_loader)
+                    with_test=False, outputs_loader=outputs_loader)
         except TrainingDiverged as exc:
             # A diverged run cannot recover; pruning (not failing) lets TPE learn to avoid the region.
             trial.set_user_attr(ATTR_DIVERGED, str(exc)[:500])
@@ -163,7 +164,7 @@ def run_worker(job: WorkerJob, data: Prepared | None = None,
     data = data if data is not None else load_prepared(job.prepared_dir)
     study = optuna.load_study(study_name=job.study_name, storage=job.storage.open(),
                               sampler=make_sampler(params.tune, job.worker), pruner=make_pruner(params.tune))
-    objective = make_objective(params, method, data, device, job.trainer or train_students, job, SignalsMemo())
+    objective = make_objective(params, method, data, device, job.trainer or train_students, job, TeacherOutputsMemo())
     ran: list[optuna.trial.FrozenTrial] = []  # this worker's trials, as Optuna hands them to callbacks
     callbacks = [lambda _, trial: ran.append(trial), *([on_trial_end] if on_trial_end else [])]
     failures = 0

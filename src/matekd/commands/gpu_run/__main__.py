@@ -3,7 +3,7 @@ the rest of the matekd CLI."""
 
 import sys
 
-from .arguments import main
+from . import main
 
 if __name__ == "__main__":
     sys.exit(main())

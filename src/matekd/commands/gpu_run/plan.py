@@ -1,18 +1,140 @@
-"""Which stages run, in what order, where and with which environment: fetch, prepare (corrupt
-in the background once it ends), the smoke pass beside the run, then teachers, caches, method
-inputs, ablation, evaluate, report and bench."""
+"""What a run runs, where and in what order: the checkout and the run's own files, the params
+(the profile, the smoke pass's, the paper profile), the pipeline's stages in order (PIPELINE),
+the project folders and their environment, and run_plan, which runs them with a StageRunner:
+the smoke pass beside the run, corrupt in the background.
+
+matekd.params (pydantic) is imported where it is used: cli.py imports this package to build
+its parser, and that must stay quick."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .layout import SOURCE_ROOT
-from .machine import command_output
+import yaml
+
 from .runner import Job, StageFailed, StageRunner
+
+SOURCE_ROOT = Path(__file__).resolve().parents[3]      # src/ (put on the stages' PYTHONPATH)
+REPO_ROOT = SOURCE_ROOT.parent
+DEFAULT_PROFILE = "profiles/budget.yaml"
+DEFAULT_PAPER_PROFILE = "profiles/paper.yaml"
+DEFAULT_WORK = ".gpu-run/work"
+DEFAULT_OUTPUT = ".gpu-run/out"
+WORK_MARKER = ".matekd-gpu-run"       # a work folder with this file is the runner's own to clear
+RECORD = "gpu-run"                    # the run's own files inside the packs: logs, timings, params
+TIMINGS, RESULTS, MANIFEST = "timings.json", "results.txt", "MANIFEST.txt"
+LOOSE_FILES = (TIMINGS, RESULTS, MANIFEST)               # beside the packs in OUTPUT_DIR
+
+# The pipeline's stages after `matekd fetch`, in an order that dvc.yaml's deps and outs allow
+# (tests/test_gpu_run.py checks it against dvc.yaml): (phase, `matekd` command, run once per
+# "teachers" or "methods" like dvc.yaml's foreach, or once: None). A command's DVC stage is its
+# name with '_' for '-'; bench is not a DVC stage, and distill (the one configured student) is
+# not run: ablation trains every method's. How the stages overlap is run_plan's to say.
+PIPELINE: tuple[tuple[str, str, str | None], ...] = (
+    ("prepare", "prepare", None),
+    ("corrupt", "corrupt", None),
+    ("teachers", "train-teacher", "teachers"),
+    ("caches", "cache", "teachers"),
+    ("method-inputs", "method-inputs", "methods"),
+    ("ablation", "ablation", None),
+    ("evaluate", "evaluate", None),
+    ("report", "report", None),
+    ("bench", "bench", None),
+)
+
+
+def find_path(path: str | os.PathLike) -> Path:
+    """A path as given, else relative to the project checkout (profiles/ when run elsewhere)."""
+    given = Path(path)
+    if given.exists() or given.is_absolute():
+        return given
+    beside = REPO_ROOT / given
+    return beside if beside.exists() else given
+
+
+def read_json_or_none(path: Path) -> Any:
+    """The JSON in `path`, or None when it is missing or unreadable: a run, perhaps cut short,
+    leaves what it got to, and the measurements and the table are made of what is there."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def command_output(command: Sequence[str]) -> str | None:
+    """The standard output of `command`, or None when it cannot run (not installed, hung)."""
+    try:
+        return subprocess.run(list(command), capture_output=True, text=True, timeout=30, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+# --------------------------------------------------------------------------------------
+# The params
+
+
+def smoke_overrides(raw: dict[str, Any]) -> dict[str, Any]:
+    """The smoke pass: the profile with a few images per class, one epoch everywhere, one
+    CIFAR-10-C image per class and corruption, and few Grad-CAM images. Everything else (the
+    models, batch sizes, methods, seeds, group size, cache settings, workers) stays, so the
+    smoke pass runs the same code paths as the run."""
+    out: dict[str, Any] = {
+        "profile": f"{raw.get('profile', 'profile')}-smoke",
+        "data.train_per_class": 8, "data.val_per_class": 2, "data.test_per_class": 4,
+        "distill.recipe.epochs": 1,
+        "corrupt.images_per_class": 1,
+        "evaluate.gradcam_images": 8, "evaluate.grid_images": 2,
+    }
+    for name in raw.get("teachers") or {}:
+        out[f"teachers.{name}.epochs"] = 1
+    workers = int((raw.get("corrupt") or {}).get("workers") or 1)
+    out["corrupt.workers"] = min(workers, 2)
+    return out
+
+
+def resolved_params(profile: Path, overrides: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """(the profile's YAML with `overrides` applied, its validated Params)."""
+    from ...params import load_params, set_dotted
+
+    params = load_params(profile, overrides)      # validates; names the bad key
+    raw = yaml.safe_load(profile.read_text()) or {}
+    for key, value in overrides.items():
+        set_dotted(raw, key, value)
+    return raw, params
+
+
+def write_params(folder: Path, raw: dict[str, Any], overrides: dict[str, Any]) -> Any:
+    """Write `raw` + `overrides` as folder/params.yaml; returns the validated Params."""
+    from ...params import set_dotted, validate_params
+    from ...storage import write_text
+
+    tree = json.loads(json.dumps(raw))
+    for key, value in overrides.items():
+        set_dotted(tree, key, value)
+    params = validate_params(tree)
+    write_text(folder / "params.yaml", yaml.safe_dump(tree, sort_keys=False))
+    return params
+
+
+def paper_params(path: str | os.PathLike | None) -> Any:
+    """The validated profile whose time is extrapolated from this run's measurements, or None
+    when none is given or the file is not there."""
+    if not path:
+        return None
+    from ...params import load_params
+
+    found = find_path(path)
+    return load_params(found) if found.is_file() else None
+
+
+# --------------------------------------------------------------------------------------
+# Where the stages run
 
 
 class SmokeFailed(StageFailed):
@@ -27,7 +149,15 @@ class Project:
     folder: Path
     params: Any
     env: dict[str, str]
-    one_at_a_time: bool = False      # an exclusive compute mode: one process per GPU (preflight.check_gpus)
+    one_at_a_time: bool = False      # an exclusive compute mode: one process per GPU (command.check_gpus)
+
+
+def new_project(folder: Path, raw: dict[str, Any], overrides: dict[str, Any], base_env: dict[str, str],
+                one_at_a_time: bool = False) -> Project:
+    """A new project folder with its params.yaml (`raw` + `overrides`) and its stages' environment."""
+    folder.mkdir()
+    return Project(folder, write_params(folder, raw, overrides), stage_env(base_env, folder.resolve()),
+                   one_at_a_time)
 
 
 @dataclass
@@ -78,6 +208,20 @@ def gpu_slots(device: str, env: dict[str, str]) -> list[str | None]:
 
 def _pinned(env: dict[str, str], slot: str | None) -> dict[str, str]:
     return env if slot is None else {**env, "CUDA_VISIBLE_DEVICES": slot}
+
+
+def stage_commands(params: Any, phase: str, extra: Sequence[str] = ()) -> list[tuple[str, list[str]]]:
+    """A phase's stages as (name, `matekd` arguments + `extra`): one per teacher or method where
+    PIPELINE says so."""
+    _, command, each = next(stage for stage in PIPELINE if stage[0] == phase)
+    if each is None:
+        return [(command, [command, *extra])]
+    keys = list(params.teachers) if each == "teachers" else params.ablation.methods
+    return [(f"{command} {key}", [command, key, *extra]) for key in keys]
+
+
+# --------------------------------------------------------------------------------------
+# The plan: the smoke pass beside the run
 
 
 def run_plan(runner: StageRunner, main: Project, smoke: Project | None, bench: BenchOptions) -> None:
@@ -131,14 +275,13 @@ def _prepare(runner: StageRunner, main: Project, smoke: Project | None) -> Job:
 
 
 def smoke_steps(smoke: Project) -> list[list[tuple[str, list[str]]]]:
-    """The smoke pass's stages, in steps whose stages run together: run_pipeline's order."""
-    teachers = list(smoke.params.teachers)
-    return [[("prepare", ["prepare"])],
-            [("corrupt", ["corrupt"]), *[(f"train-teacher {t}", ["train-teacher", t]) for t in teachers]],
-            [(f"cache {t}", ["cache", t]) for t in teachers],
-            [(f"method-inputs {m}", ["method-inputs", m]) for m in smoke.params.ablation.methods],
-            [("ablation", ["ablation"])], [("evaluate", ["evaluate"])], [("report", ["report"])],
-            [("bench", ["bench", *SMOKE_BENCH.args()])]]
+    """The smoke pass's stages in steps whose stages run together: PIPELINE's phases one after
+    another, corrupt (CPU) beside the teachers as in the run."""
+    phases = [phase for phase, _, _ in PIPELINE]
+    steps = [stage_commands(smoke.params, p, SMOKE_BENCH.args() if p == "bench" else ()) for p in phases]
+    corrupt = phases.index("corrupt")
+    steps[corrupt:corrupt + 2] = [steps[corrupt] + steps[corrupt + 1]]
+    return steps
 
 
 def smoke_chain(runner: StageRunner, smoke: Project) -> None:
@@ -173,11 +316,14 @@ def smoke_run(runner: StageRunner, smoke: Project) -> None:
 
 def run_pipeline(runner: StageRunner, project: Project, bench_args: Sequence[str], corrupt: Job,
                  phase: Callable[[str], str] = lambda name: name) -> None:
-    """The stages after prepare, in order; evaluate waits for `corrupt` (started in the
-    background when prepare ended). `phase` names each phase (the smoke pass: all `smoke`)."""
+    """PIPELINE's stages after prepare and corrupt, phase after phase, each phase's stages
+    together; evaluate waits for `corrupt` (started in the background when prepare ended).
+    `phase` names each phase (the smoke pass: all `smoke`)."""
+    params = project.params
 
-    def together(name: str, commands: list[tuple[str, list[str]]], envs: list[dict[str, str]] | None = None,
-                 gpu: bool = False) -> None:
+    def together(name: str, envs: list[dict[str, str]] | None = None, gpu: bool = False,
+                 extra: Sequence[str] = ()) -> None:
+        commands = stage_commands(params, name, extra)
         envs = envs or [project.env] * len(commands)
         if gpu and project.one_at_a_time:
             for command, env in zip(commands, envs, strict=True):
@@ -185,20 +331,18 @@ def run_pipeline(runner: StageRunner, project: Project, bench_args: Sequence[str
             return
         runner.run_all(phase(name), commands, project.folder, envs)
 
-    params = project.params
     slots = gpu_slots(params.device, project.env)
-    teachers = list(params.teachers)
-    pinned = [_pinned(project.env, slots[k % len(slots)]) for k in range(len(teachers))]
-    together("teachers", [(f"train-teacher {t}", ["train-teacher", t]) for t in teachers], pinned, gpu=True)
-    together("caches", [(f"cache {t}", ["cache", t]) for t in teachers], pinned, gpu=True)
-    together("method-inputs", [(f"method-inputs {m}", ["method-inputs", m]) for m in params.ablation.methods])
-    together("ablation", [("ablation", ["ablation"])])
+    pinned = [_pinned(project.env, slots[k % len(slots)]) for k in range(len(params.teachers))]
+    together("teachers", pinned, gpu=True)
+    together("caches", pinned, gpu=True)
+    together("method-inputs")
+    together("ablation")
     runner.wait(corrupt)
-    together("evaluate", [("evaluate", ["evaluate"])])
-    last = [("report", ["report"]), ("bench", ["bench", *bench_args])]
+    together("evaluate")
     if project.one_at_a_time:
-        for name, args in last:
-            together(name, [(name, args)])
+        together("report")
+        together("bench", extra=bench_args)
         return
     # The report (CPU: tables, figures) does not read the bench: both at once.
+    last = stage_commands(params, "report") + stage_commands(params, "bench", bench_args)
     runner.wait(*[runner.start(phase(name), name, args, project.folder, project.env) for name, args in last])

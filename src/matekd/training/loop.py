@@ -1,4 +1,5 @@
-"""The training loop shared by teachers and students.
+"""The training loop shared by teachers and students (`fit` of a `FitJob`), and its helpers:
+devices, determinism, per-epoch augmentation plans, batches, the optimiser and its schedule.
 
 Data and augmentation stay on the training device as tensors; per-step values accumulate on
 the device and are synchronised only at log points and epoch ends. Every epoch's shuffling
@@ -14,18 +15,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .augment import crop_flip, normalize, sample_crop_flip, variant_index
-from .errors import MatekdError, TrainingDiverged
-from .params import Recipe
-from .precision import autocast, memory_format
-from .storage import atomic_path, safe_torch_load
+from ..augment import crop_flip, normalize, sample_crop_flip, to_device_tensor, variant_index
+from ..errors import MatekdError, TrainingDiverged
+from ..params import Recipe
+from ..precision import autocast, memory_format
+from ..storage import atomic_path, safe_torch_load
 
 PAD = 4  # random-crop zero padding of the CIFAR recipe
 T = TypeVar("T")
@@ -254,28 +255,71 @@ def slot_accuracy(predict: Predict, images: torch.Tensor, labels: torch.Tensor, 
     return (correct.double() / labels.shape[0]).tolist()
 
 
-def fit(*, model: nn.Module, step_fn: StepFn, recipe: Recipe, train_images: torch.Tensor,
-        train_labels: torch.Tensor, val_images: torch.Tensor, val_labels: torch.Tensor,
-        device: torch.device, seeds: list[int], runs: list[RunLike], checkpoint: Path | None, digest: str,
-        desc: str, log_every: int = 20, test_images: torch.Tensor | None = None,
-        test_labels: torch.Tensor | None = None, epoch_hook: EpochHook | None = None,
-        predict: Predict | None = None, slot_terms: list[set[str]] | None = None,
-        progress: bool = True, test_every_epoch: bool = False) -> list[FitResult]:
-    """Train `model` (one network holding S = len(seeds) students, S = 1 alone) for
-    recipe.epochs with SGD + schedule, checkpointing every epoch.
+@dataclass
+class TrainingData:
+    """The split a run trains and scores on, as tensors on the training device: uint8 NCHW
+    images and long labels; the test set only when it is to be scored."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    test_images: torch.Tensor | None = None
+    test_labels: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.train_images.device
+
+    @classmethod
+    def on_device(cls, data: Any, device: torch.device, with_test: bool = True) -> TrainingData:
+        """From prepared data (matekd.data.prepared.Prepared: numpy arrays)."""
+        return cls(to_device_tensor(data.train_images, device), device_labels(data.train_labels, device),
+                   to_device_tensor(data.val_images, device), device_labels(data.val_labels, device),
+                   to_device_tensor(data.test_images, device) if with_test else None,
+                   device_labels(data.test_labels, device) if with_test else None)
+
+
+@dataclass
+class FitJob:
+    """One training run of a module holding S = len(seeds) students (S = 1 alone).
 
     Student s draws its shuffling and augmentation from seeds[s] and logs to runs[s] (only the
-    terms in slot_terms[s]). `train_images` are uint8 NCHW on `device`. `step_fn(batch, epoch)`
-    returns the summed loss and per-student values. `predict(images, batch)` gives every
-    student's logits (default: `model` is one plain network). The test set (if given) is scored
-    after the last epoch only unless `test_every_epoch`: it never steers training, and scoring
-    it every epoch costs a CPU study of 18 students many minutes. If `checkpoint` holds a state
-    with the same `digest`, training resumes after its epoch. Returns one result per student.
+    terms in slot_terms[s], when given). `step(batch, epoch)` returns the summed loss and
+    per-student values; `predict(images, batch_size)` every student's logits [S,N,C] (default:
+    `model` is one plain network). A checkpoint with the same `digest` is resumed after its epoch.
+    The test set is scored after the last epoch only unless `test_every_epoch`: it never steers
+    training, and scoring it every epoch costs a CPU study of 18 students many minutes.
     """
+
+    model: nn.Module
+    step: StepFn
+    recipe: Recipe
+    data: TrainingData
+    seeds: list[int]
+    runs: list[RunLike]
+    checkpoint: Path | None = None
+    digest: str = ""
+    desc: str = "train"
+    log_every: int = 20
+    predict: Predict | None = None
+    slot_terms: list[set[str]] | None = None
+    epoch_hook: EpochHook | None = None
+    progress: bool = True
+    test_every_epoch: bool = False
+
+
+def fit(job: FitJob) -> list[FitResult]:
+    """Train `job.model` for recipe.epochs with SGD and the recipe's schedule, checkpointing every
+    epoch; one result per student."""
+    model, step_fn, recipe, data, seeds, runs = job.model, job.step, job.recipe, job.data, job.seeds, job.runs
+    checkpoint, digest, desc, progress, epoch_hook = job.checkpoint, job.digest, job.desc, job.progress, job.epoch_hook
+    device = data.device
+    train_images, train_labels = data.train_images, data.train_labels
     slots = len(seeds)
     if len(runs) != slots:
         raise ValueError(f"{slots} seeds but {len(runs)} runs")
-    predict = predict or single_predict(model, device)
+    predict = job.predict or single_predict(model, device)
     optimizer = make_optimizer(model, recipe)
     n = train_images.shape[0]
     slices = batch_slices(n, recipe.batch_size)
@@ -324,12 +368,12 @@ def fit(*, model: nn.Module, step_fn: StepFn, recipe: Recipe, train_images: torc
             terms = {"loss": out.losses.detach(), **{k: v.detach() for k, v in out.terms.items()}}
             stacked = sums.add(terms, size)
             correct += (out.logits.detach().argmax(-1) == batch.labels).sum(-1)
-            if (step + 1) % log_every == 0 or i == len(slices) - 1:
+            if (step + 1) % job.log_every == 0 or i == len(slices) - 1:
                 _check_finite(first_bad_step, epoch, len(slices), desc)
                 synced = stacked.T.tolist()  # one host sync
                 lr = optimizer.param_groups[0]["lr"]
                 for s in range(slots):
-                    values = {f"step/{k}": v for k, v in zip(terms, synced[s]) if _logged(k, s, slot_terms)}
+                    values = {f"step/{k}": v for k, v in zip(terms, synced[s]) if _logged(k, s, job.slot_terms)}
                     values["step/lr"] = lr
                     runs[s].log_metrics(values, step=step + 1)
                 bar.set_postfix(loss=f"{synced[0][0]:.3f}", acc=f"{float(correct[0]) / seen:.3f}",
@@ -342,10 +386,10 @@ def fit(*, model: nn.Module, step_fn: StepFn, recipe: Recipe, train_images: torc
         images_seen += seen
         epoch_sums = sums.total.T.tolist()
         accuracy_train = (correct / seen).tolist()
-        val_acc = slot_accuracy(predict, val_images, val_labels, recipe.eval_batch_size, slots)
-        score_test = test_every_epoch or epoch + 1 == recipe.epochs
-        test_acc = (slot_accuracy(predict, test_images, test_labels, recipe.eval_batch_size, slots)
-                    if score_test and test_images is not None and test_labels is not None else None)
+        val_acc = slot_accuracy(predict, data.val_images, data.val_labels, recipe.eval_batch_size, slots)
+        score_test = job.test_every_epoch or epoch + 1 == recipe.epochs
+        test_acc = (slot_accuracy(predict, data.test_images, data.test_labels, recipe.eval_batch_size, slots)
+                    if score_test and data.test_images is not None and data.test_labels is not None else None)
         seconds += epoch_seconds
         records = []
         for s in range(slots):
@@ -353,7 +397,7 @@ def fit(*, model: nn.Module, step_fn: StepFn, recipe: Recipe, train_images: torc
             record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_acc": accuracy_train[s],
                       "images_per_second": seen / epoch_seconds}
             record.update({f"train_{k}": v / seen for k, v in zip(sums.keys, epoch_sums[s], strict=True)
-                           if _logged(k, s, slot_terms)})
+                           if _logged(k, s, job.slot_terms)})
             record["val_acc"] = val_acc[s]
             if test_acc is not None:
                 record["test_acc"] = test_acc[s]
@@ -425,7 +469,6 @@ def cross_entropy_step(model: nn.Module) -> StepFn:
     def step(batch: Batch, epoch: int) -> StepOutput:
         logits = model(batch.inputs)
         loss = F.cross_entropy(logits.float(), batch.labels.reshape(-1))
-        per = loss.detach()[None]
-        return StepOutput(loss=loss, logits=logits[None], losses=loss[None], terms={"ce": per})
+        return StepOutput(loss=loss, logits=logits[None], losses=loss[None], terms={"ce": loss.detach()[None]})
 
     return step

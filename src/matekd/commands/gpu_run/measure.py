@@ -1,14 +1,119 @@
-"""What the run measured: wall time per phase, seconds per epoch of every model, the bench's
-two GPU targets, and the paper profile's GPU time extrapolated from them (timings.json)."""
+"""What a run measured, kept in timings.json: the machine (Python, packages, GPUs, code; the
+GPUs' compute mode and free memory for the pre-flight), each phase's wall time, every model's
+seconds per epoch, the bench's two GPU targets, the paper profile's time extrapolated from them,
+and the plan's clock: each phase's time predicted from the H100 rates, beside the measured one."""
 
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .layout import TIMINGS, read_json_or_none
+from .plan import REPO_ROOT, TIMINGS, command_output, read_json_or_none
+
+# --------------------------------------------------------------------------------------
+# The machine. The GPU is asked of nvidia-smi, not torch.cuda (mem_get_info would open a CUDA
+# context): the runner process never opens one, since the stages, its subprocesses, need the GPU's
+# memory, and in an exclusive compute mode the runner's own context would lock them out of it.
+
+PACKAGES = ("torch", "numpy", "pydantic", "scipy", "pillow", "matplotlib", "safetensors")
+
+
+def package_versions(names: Sequence[str] = PACKAGES) -> dict[str, str]:
+    import importlib.metadata  # here: slow to import, and only a run needs it
+
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def gpu_description() -> str:
+    """Name, memory and driver of every GPU, `none`, or why nvidia-smi could not say."""
+    query = command_output(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"])
+    if query is None:
+        return "nvidia-smi not available"
+    return "; ".join(line.strip() for line in query.splitlines() if line.strip()) or "none"
+
+
+GPU_QUERY = ("nvidia-smi", "--query-gpu=index,name,compute_mode,memory.free,memory.total",
+             "--format=csv,noheader,nounits")
+EXCLUSIVE_MODES = ("Exclusive_Process", "Exclusive_Thread")
+
+
+@dataclass(frozen=True)
+class GpuState:
+    """One GPU as nvidia-smi reports it (memory in MiB; None where it printed no number)."""
+
+    index: str
+    name: str
+    compute_mode: str
+    free_mib: int | None
+    total_mib: int | None
+
+    def line(self) -> str:
+        memory = (f"{self.free_mib:,} MiB free of {self.total_mib:,} MiB"
+                  if self.free_mib is not None and self.total_mib is not None else "free memory unknown")
+        return f"GPU {self.index} ({self.name}): compute mode {self.compute_mode}, {memory}"
+
+
+def _mib_or_none(text: str) -> int | None:
+    try:
+        return int(float(text))
+    except ValueError:      # "[N/A]", "[Not Supported]"
+        return None
+
+
+def parse_gpu_states(text: str) -> list[GpuState]:
+    """The GPUs in nvidia-smi's answer to GPU_QUERY (csv, no header, no units)."""
+    states = []
+    for line in text.splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) != 5:
+            continue        # a warning line, or an empty one
+        index, name, mode, free, total = fields
+        states.append(GpuState(index, name, mode, _mib_or_none(free), _mib_or_none(total)))
+    return states
+
+
+def gpu_states() -> list[GpuState] | None:
+    """Every GPU's compute mode and free memory; None when nvidia-smi cannot run."""
+    answer = command_output(GPU_QUERY)
+    return None if answer is None else parse_gpu_states(answer)
+
+
+def git_commit() -> str | None:
+    """The checkout's commit, marked when src/ or profiles/ differ from it; None without git."""
+    if not (REPO_ROOT / ".git").exists():
+        return None
+    head = command_output(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"])
+    dirty = command_output(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "src", "profiles"])
+    if head is None or dirty is None:
+        return None
+    return head.strip() + (" (with uncommitted changes)" if dirty.strip() else "")
+
+
+def environment_record(params: Any, gpus: Sequence[GpuState] | None = None) -> dict[str, Any]:
+    """Python, packages, GPU, CPUs, code (the commit and storage.source_digest, the digest the
+    tracked runs carry as their `matekd.source_sha256` tag) and the params' digest."""
+    from ...storage import source_digest
+
+    return {"python": sys.version.split()[0], "packages": package_versions(),
+            "gpu": "none" if params.device == "cpu" else gpu_description(), "cpu_count": os.cpu_count(),
+            "git_commit": git_commit() or "unknown (no git checkout: a copied working tree)",
+            "source_sha256": source_digest(), "params_sha256": params.digest(),
+            "gpu_state": [vars(g) for g in gpus or ()]}
+
+
+# --------------------------------------------------------------------------------------
+# Measured: phases, epochs, bench, the paper profile
 
 MATE_KD_CACHED_TARGET = 1.3     # a cached MATE-KD student step costs at most this many CE steps
 TOGETHER_TARGET = 4.0           # students trained together: at least this many times one at a time
@@ -109,7 +214,7 @@ def paper_extrapolation(project: Path, params: Any, paper: Any, phases: dict[str
         seconds = metrics.get("map_seconds", 0.0)
         if paper.distill.teacher_signals == "cached" and logit_seconds and pairs and n_train:
             from ...augment import num_variants
-            from ...train import PAD
+            from ...training.loop import PAD
 
             paper_pairs = n_train * num_variants(PAD) if paper.cache.logit_variants == "all" else pairs
             seconds += logit_seconds * paper_pairs / pairs
@@ -195,8 +300,6 @@ def summary_lines(timings: dict[str, Any]) -> list[str]:
     lines.append(f"  {'total':<16} {timings.get('total_seconds', 0):8.1f} s")
     clock = timings.get("clock") or {}
     if clock.get("phases"):
-        from .clock import clock_lines
-
         lines += clock_lines({k: v["predicted_s"] for k, v in clock["phases"].items()}, timings.get("phases", {}))
     costs = timings.get("epochs") or {}
     if costs.get("teachers") or costs.get("student_groups"):
@@ -223,3 +326,101 @@ def summary_lines(timings: dict[str, Any]) -> list[str]:
         lines.append(f"Paper profile from the measured per-epoch costs (x paper epochs): {' + '.join(parts)} = "
                      f"{paper['total_seconds']:,.0f} s ({paper['total_hours']:.2f} h of GPU time; notes in {TIMINGS})")
     return lines
+
+
+# --------------------------------------------------------------------------------------
+# The plan's clock: the seconds each phase should take on an H100, from the profile and the
+# rates measured there (docs/anchors.md), so that the next window's epochs are set from a
+# measurement of how far off the assumed rates were. Only the phases on the run's critical path
+# are predicted: the smoke pass runs beside the run and corrupt on the CPU in the background.
+
+# One H100, PyTorch 2.11, bf16 autocast, channels_last, batch 512, data on the GPU (docs/anchors.md).
+H100_RATES: dict[str, tuple[float, float]] = {     # model: (training img/s, inference img/s)
+    "resnet20": (42_960, 170_131), "resnet56": (20_268, 66_727), "resnet110": (11_534, 44_831),
+    "vgg19_bn": (60_704, 182_434), "densenet121": (7_323, 27_437),
+}
+CACHED_STEP_RATE = 52_213       # img/s of one cached MATE-KD ResNet20 student step (the ablation's)
+FUSED_SPEEDUP = 4.0             # students trained or evaluated together: the >= 4x bench target (assumed)
+STAGE_START_S = 8.0             # python, torch and CUDA initialisation of a stage
+FIXED_S = {"method-inputs": 5.0, "report": 15.0, "bench": 20.0}
+GRADCAM_S = 8.0                 # evaluate's Grad-CAM analysis and its figures
+CORRUPTION_SEVERITIES = 5
+
+
+def _images(params: Any) -> tuple[int, int, int]:
+    """(train, validation, test) image counts of the profile (CIFAR-10: 10 classes, 50k + 10k)."""
+    d = params.data
+    val = 10 * d.val_per_class
+    train = 10 * d.train_per_class if d.train_per_class is not None else 50_000 - val
+    test = 10 * d.test_per_class if d.test_per_class is not None else 10_000
+    return train, val, test
+
+
+def predicted_phases(params: Any) -> tuple[dict[str, float], list[str]]:
+    """({phase: predicted seconds}, notes): teachers (sharing one GPU: their times add), caches,
+    method-inputs, ablation, evaluate, report and bench. A model without a measured rate leaves
+    its phases out, named in the notes."""
+    from ...cifar10c import resolve_corruptions
+
+    train, val, test = _images(params)
+    notes: list[str] = []
+    unknown = sorted({n for n in [*params.teachers, params.distill.student] if n not in H100_RATES})
+    if unknown:
+        notes.append(f"no H100 rate for {', '.join(unknown)}: phases using them are not predicted")
+    out: dict[str, float] = {}
+    students = len(params.ablation.methods) * len(params.ablation.seeds)
+    teachers = [n for n in params.teachers if n in H100_RATES]
+    if teachers and len(teachers) == len(params.teachers):
+        out["teachers"] = STAGE_START_S + sum(
+            r.epochs * train / H100_RATES[n][0] + (r.epochs * val + test) / H100_RATES[n][1]
+            for n, r in ((n, params.teachers[n]) for n in teachers))
+        # Grad-CAM maps of the train and validation images, and the logits of every view the
+        # students draw (one stream per distinct data order).
+        streams = 1 if params.distill.data_seed is not None else len(params.ablation.seeds)
+        views = streams * params.distill.recipe.epochs * train if params.distill.teacher_signals == "cached" else 0
+        out["caches"] = STAGE_START_S + sum((train + val + views) / H100_RATES[n][1] for n in teachers)
+    out["method-inputs"] = FIXED_S["method-inputs"]
+    student = params.distill.student
+    if student in H100_RATES:
+        together = FUSED_SPEEDUP if params.ablation.group_size > 1 else 1.0
+        epochs = params.distill.recipe.epochs
+        out["ablation"] = STAGE_START_S + (students * epochs * train / (CACHED_STEP_RATE * together)
+                                           + students * (epochs * val + test) / (H100_RATES[student][1] * together))
+        corruptions = len(resolve_corruptions(params.corrupt.corruptions))
+        per_class = params.corrupt.images_per_class
+        c_images = corruptions * CORRUPTION_SEVERITIES * (10 * per_class if per_class is not None else test)
+        if not unknown:
+            out["evaluate"] = STAGE_START_S + GRADCAM_S + sum(
+                (c_images + test) / H100_RATES[n][1] for n in params.teachers) + students * (c_images + test) / (
+                H100_RATES[student][1] * together)
+    out["report"] = FIXED_S["report"]
+    out["bench"] = FIXED_S["bench"]
+    notes.append(f"H100 rates of docs/anchors.md at batch 512; students together {FUSED_SPEEDUP:g}x one "
+                 f"(assumed, the bench target); {STAGE_START_S:g} s start-up per stage")
+    return {k: round(v, 1) for k, v in out.items()}, notes
+
+
+def plan_lines(predicted: dict[str, float]) -> list[str]:
+    """The prediction printed before the run starts."""
+    parts = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in predicted.items())
+    return [f"plan (H100 rates, docs/anchors.md): {parts}; {sum(predicted.values()):.0f} s in all"]
+
+
+def clock_lines(predicted: dict[str, float], phases: dict[str, dict[str, float]]) -> list[str]:
+    """Measured seconds per phase beside the predicted ones, and their ratio."""
+    lines = ["Predicted vs measured seconds per phase:"]
+    for name, seconds in predicted.items():
+        measured = phases.get(name, {}).get("seconds")
+        if measured is None:
+            shown = "not run"
+        else:
+            shown = f"{measured:8.1f} s" + (f"  ({measured / seconds:5.2f}x)" if seconds else "")
+        lines.append(f"  {name:<16} {seconds:8.1f} s  {shown}")
+    return lines
+
+
+def clock_record(predicted: dict[str, float], notes: list[str],
+                 phases: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """timings.json's `clock`: per phase the predicted and the measured seconds."""
+    return {"phases": {name: {"predicted_s": seconds, "measured_s": phases.get(name, {}).get("seconds")}
+                       for name, seconds in predicted.items()}, "notes": notes}

@@ -1,24 +1,17 @@
-"""What every tracker shares: the run interface (as the no-op run), the clock, retries, the
-errors of the tracking package. Nothing here imports mlflow."""
+"""The run interface every tracker implements (NullRun, also the run of tracking off) and the
+rules both trackers apply to what a run logs: MLflow's limits and key rules, dataset records, the
+clock. Nothing here imports mlflow."""
 
 from __future__ import annotations
 
-import functools
-import importlib
 import json
 import os
+import posixpath
 import re
 import time
-import warnings
-from collections.abc import Callable
-from types import ModuleType
 from typing import Any
 
-from ..errors import MatekdError, TrackingError
-
 OFF_SWITCH = "MATEKD_TRACKING=off (or tracking.enabled: false in params.yaml)"
-RETRIES = 3
-_sleep = time.sleep  # the retry back-off; tests replace it (patching time.sleep would hit mlflow's threads)
 
 # MLflow's limits (mlflow.utils.validation, 3.x), mirrored so the offline tracker refuses what
 # the store would refuse instead of writing a record that cannot be synced.
@@ -33,10 +26,6 @@ DATASET_CONTEXT_TAG = "mlflow.data.context"  # mlflow.utils.mlflow_tags.MLFLOW_D
 RUN_STATUSES = ("RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED")
 
 
-class OfflineRunError(MatekdError):
-    """An offline run folder is corrupt or incomplete (the message names the file)."""
-
-
 def now_ms() -> int:
     """Wall-clock milliseconds: every timestamp the trackers record (tests replace it)."""
     return int(time.time() * 1000)
@@ -45,41 +34,6 @@ def now_ms() -> int:
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (torch.export and MLflow write pages)."""
     return (str(exc).strip().splitlines() or [""])[0]
-
-
-def call_with_retries(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call `fn` and return its result, retrying transient failures with a doubling back-off;
-    the last failure is raised (`what` names the call for the caller's message)."""
-    for attempt in range(RETRIES):
-        try:
-            return fn(*args, **kwargs)
-        except Exception:  # mlflow raises many types for I/O and HTTP errors
-            if attempt == RETRIES - 1:
-                raise
-            _sleep(0.5 * 2 ** attempt)
-    return None  # pragma: no cover
-
-
-def retry(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
-    """Call `fn`, retrying transient failures with a doubling back-off; after the last try,
-    warn and return False so that a tracking hiccup never stops training."""
-    try:
-        call_with_retries(what, fn, *args, **kwargs)
-        return True
-    except Exception as exc:
-        warnings.warn(f"MLflow: {what} failed after {RETRIES} tries ({exc}); training goes on", stacklevel=3)
-        return False
-
-
-@functools.cache
-def optional_module(name: str) -> ModuleType | None:
-    """Module `name` of an optional package (mlflow), or None where it is not installed (the GPU
-    machine). Tried once per process: Python does not remember a failed import, and the callers
-    run for every logged key."""
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        return None
 
 
 def name_problem(kind: str, name: Any) -> str | None:
@@ -92,8 +46,6 @@ def name_problem(kind: str, name: Any) -> str | None:
 
         problem = mlflow_name_problem(kind, name)
     except ImportError:
-        import posixpath
-
         if not re.match(r"^[/\w.\- :]*$", name):
             return (f"{kind} key {name!r} may only contain alphanumerics, underscores, dashes, periods, "
                     "spaces, colons and slashes")
@@ -194,5 +146,4 @@ class NullRun:
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
-__all__ = ["OFF_SWITCH", "NullRun", "OfflineRunError", "TrackingError", "call_with_retries", "dataset_record",
-           "first_line", "metric_dataset", "name_problem", "now_ms", "retry"]
+__all__ = ["OFF_SWITCH", "NullRun", "dataset_record", "first_line", "metric_dataset", "name_problem", "now_ms"]
