@@ -61,7 +61,8 @@ class Method:
     teachers: `none`, `one` (distill.kd_teacher) or `all` (every teacher of params.teachers).
     weighting: the teacher-weighting rule's name (report, CLI); `weigh` computes it. `none`,
         `one-hot` and `equal` are fixed weights; any other name varies per sample.
-    maps: reads the teachers' cached Grad-CAM maps (its weighting or its loss uses them).
+    maps: reads the teachers' cached Grad-CAM maps (its weighting or its loss uses them); such a
+        method declares `student_target`, the class its student's map is taken for.
     terms: the loss terms `loss` can return, in logging order (the total is their weighted sum).
     map_gradient(values): the loss backpropagates through the student's Grad-CAM map.
     hyperparameters: the `distill.*` keys it reads besides distill.recipe: the only ones
@@ -146,6 +147,9 @@ def register(method: Method) -> Method:
         raise ValueError(f"method {method.name!r}: a method without teachers cannot weight them or read their maps")
     if method.has_kd and method.weigh is None:
         raise ValueError(f"method {method.name!r}: a method with teachers needs a `weigh` rule")
+    if method.maps and "student_target" not in method.hyperparameter_names:
+        raise ValueError(f"method {method.name!r} reads maps: it must declare the student_target hyperparameter "
+                         "(the class of the student's Grad-CAM map; see mate_kd.WEIGHTING_HYPERPARAMETERS)")
     for h in method.hyperparameters:
         known = _hyperparameters.get(h.name)
         if known is not None and known != h:
