@@ -20,8 +20,11 @@ def test_bench_prints_and_writes_ratios_to_the_ce_step(tmp_path, capsys):
     for name, entry in report["steps"].items():
         assert entry["median_s"] > 0 and entry["images_per_second"] > 0
         assert name in out and f"{entry['ratio_to_ce']:.2f}" in out
-    # running two teachers online every step costs more than a CE step
-    assert report["steps"]["kd_online"]["ratio_to_ce"] > 1.0
+    # each ratio is its median step over CE's, per student (no timing is asserted: the machine
+    # may be busy; the figures themselves are benchmark output, not test conditions)
+    ce = report["steps"]["ce"]["median_s"]
+    for entry in report["steps"].values():
+        assert entry["ratio_to_ce"] == entry["median_s"] / ce / entry["students"]
     assert json.loads((tmp_path / "bench.json").read_text())["steps"] == report["steps"]
     # two students together: one network, 2 x 8 images per step, compared with one at a time
     together = report["steps"]["mate_kd_cached_x2"]
