@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
             total.sum().backward()
             optimizer.step()
         val_acc = accuracy(student, data.val_images, data.val_labels, recipe.eval_batch_size, device)
-        shown = " ".join(f"{k}={float(v):.4f}" for k, v in terms.items())
+        shown = " ".join(f"{k}={float(v.detach()):.4f}" for k, v in terms.items())
         print(f"epoch {epoch + 1}/{recipe.epochs}: last step {shown}; val_acc={val_acc!r}")
 
     test_acc = accuracy(student, data.test_images, data.test_labels, recipe.eval_batch_size, device)
