@@ -95,11 +95,6 @@ class Method:
     def has_kd(self) -> bool:
         return self.teachers != "none"
 
-    @property
-    def needs_maps(self) -> bool:
-        """Reads cached teacher Grad-CAM maps."""
-        return self.maps
-
     def reads_cache(self, teacher_signals: str) -> bool:
         """Reads the teachers' caches: their maps, or their logits when distill.teacher_signals
         is `cached`."""
