@@ -274,7 +274,7 @@ def expected_deps(closure: set[Path], root: Path = ROOT) -> list[str]:
     return sorted(kept + whole)
 
 
-def stage_key(key: str) -> bool:
+def orphaned_hyperparameter_key(key: str) -> bool:
     """A `distill.*` key that is no shared key and no registered hyperparameter: a removed
     method's, dropped by --write."""
     from matekd.params import DistillParams
@@ -307,7 +307,8 @@ def rewrite_dvc_yaml(path: Path = ROOT / "dvc.yaml") -> str:
             out += [f"{indent}- {d}\n" for d in expected_deps(closure)]
             continue
         param = re.match(r"^(\s+)- (distill\.\w+)\s*$", line)
-        if param and stage in HYPERPARAMETER_STAGES and (param.group(2) in registered or stage_key(param.group(2))):
+        if param and stage in HYPERPARAMETER_STAGES and (param.group(2) in registered
+                                                         or orphaned_hyperparameter_key(param.group(2))):
             # the registered hyperparameters, in registry order, where the first of them stood
             if stage not in inserted:
                 out += [f"{param.group(1)}- {k}\n" for k in registered]

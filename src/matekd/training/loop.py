@@ -50,8 +50,8 @@ def visible_devices(choice: str = "auto") -> list[torch.device]:
 
 
 def assign_round_robin(items: Sequence[T], devices: Sequence[str]) -> list[tuple[str, list[T]]]:
-    """Item k goes to slot k % len(devices) (tuning workers, student groups): one (device, items)
-    entry per slot, in order, possibly with nothing to do; a device may be listed twice."""
+    """Item k goes to entry k % len(devices) (tuning workers, student groups): one (device, items)
+    entry per device listed, in order, possibly with nothing to do; a device may be listed twice."""
     if not devices:
         raise ValueError("no device to assign work to")
     plan: list[tuple[str, list[T]]] = [(device, []) for device in devices]
@@ -134,7 +134,7 @@ def predict_logits(model: nn.Module, images_uint8: torch.Tensor, batch_size: int
 def accuracy(model: nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor, batch_size: int,
              device: torch.device) -> float:
     """Top-1 accuracy of one plain model (NaN for an empty set)."""
-    return slot_accuracy(single_predict(model, device), images_uint8, labels, batch_size, slots=1)[0]
+    return accuracy_per_student(single_predict(model, device), images_uint8, labels, batch_size, count=1)[0]
 
 
 def device_labels(labels, device: torch.device) -> torch.Tensor:
@@ -189,7 +189,7 @@ class Batch:
     flips: torch.Tensor    # horizontal flips [S,B]
 
     @property
-    def slots(self) -> int:
+    def student_count(self) -> int:
         return self.labels.shape[0]
 
 
@@ -245,11 +245,11 @@ def single_predict(model: nn.Module, device: torch.device) -> Predict:
     return lambda images, batch_size: predict_logits(model, images, batch_size, device)[None]
 
 
-def slot_accuracy(predict: Predict, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                  slots: int) -> list[float]:
-    """Top-1 accuracy of each of the `slots` students on the same images (NaN for an empty set)."""
+def accuracy_per_student(predict: Predict, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                         count: int) -> list[float]:
+    """Top-1 accuracy of each of the `count` students on the same images (NaN for an empty set)."""
     if images.shape[0] == 0:
-        return [float("nan")] * slots
+        return [float("nan")] * count
     logits = predict(images, batch_size)
     correct = (logits.argmax(-1) == labels.to(logits.device)).sum(-1)
     return (correct.double() / labels.shape[0]).tolist()
@@ -285,7 +285,7 @@ class FitJob:
     """One training run of a module holding S = len(seeds) students (S = 1 alone).
 
     Student s draws its shuffling and augmentation from seeds[s] and logs to runs[s] (only the
-    terms in slot_terms[s], when given). `step(batch, epoch)` returns the summed loss and
+    terms in student_terms[s], when given). `step(batch, epoch)` returns the summed loss and
     per-student values; `predict(images, batch_size)` every student's logits [S,N,C] (default:
     `model` is one plain network). A checkpoint with the same `digest` is resumed after its epoch.
     The test set is scored after the last epoch only unless `test_every_epoch`: it never steers
@@ -303,7 +303,7 @@ class FitJob:
     desc: str = "train"
     log_every: int = 20
     predict: Predict | None = None
-    slot_terms: list[set[str]] | None = None
+    student_terms: list[set[str]] | None = None
     epoch_hook: EpochHook | None = None
     progress: bool = True
     test_every_epoch: bool = False
@@ -316,9 +316,9 @@ def fit(job: FitJob) -> list[FitResult]:
     checkpoint, digest, desc, progress, epoch_hook = job.checkpoint, job.digest, job.desc, job.progress, job.epoch_hook
     device = data.device
     train_images, train_labels = data.train_images, data.train_labels
-    slots = len(seeds)
-    if len(runs) != slots:
-        raise ValueError(f"{slots} seeds but {len(runs)} runs")
+    n_students = len(seeds)
+    if len(runs) != n_students:
+        raise ValueError(f"{n_students} seeds but {len(runs)} runs")
     predict = job.predict or single_predict(model, device)
     optimizer = make_optimizer(model, recipe)
     n = train_images.shape[0]
@@ -326,7 +326,7 @@ def fit(job: FitJob) -> list[FitResult]:
     total_steps = recipe.epochs * len(slices)
     warmup_steps = min(round(recipe.warmup_epochs * len(slices)), total_steps)
     start_epoch, seconds = 0, 0.0
-    histories: list[list[dict]] = [[] for _ in range(slots)]
+    histories: list[list[dict]] = [[] for _ in range(n_students)]
     if checkpoint is not None and checkpoint.exists():
         state = safe_torch_load(checkpoint)
         if state.get("digest") == digest:
@@ -344,9 +344,9 @@ def fit(job: FitJob) -> list[FitResult]:
         offsets = torch.stack([p[1] for p in plans])         # [S,n,2]
         flips = torch.stack([p[2] for p in plans])           # [S,n]
         sums = TermSums()
-        correct = torch.zeros(slots, device=device)
+        correct = torch.zeros(n_students, device=device)
         seen = 0
-        first_bad_step = torch.full((slots,), -1, dtype=torch.long, device=device)
+        first_bad_step = torch.full((n_students,), -1, dtype=torch.long, device=device)
         bar = tqdm(slices, desc=f"{desc} {epoch + 1}/{recipe.epochs}", disable=not progress,
                    leave=False, dynamic_ncols=True)
         if device.type == "cuda":
@@ -372,12 +372,12 @@ def fit(job: FitJob) -> list[FitResult]:
                 _check_finite(first_bad_step, epoch, len(slices), desc)
                 synced = stacked.T.tolist()  # one host sync
                 lr = optimizer.param_groups[0]["lr"]
-                for s in range(slots):
-                    values = {f"step/{k}": v for k, v in zip(terms, synced[s]) if _logged(k, s, job.slot_terms)}
+                for s in range(n_students):
+                    values = {f"step/{k}": v for k, v in zip(terms, synced[s]) if _logged(k, s, job.student_terms)}
                     values["step/lr"] = lr
                     runs[s].log_metrics(values, step=step + 1)
                 bar.set_postfix(loss=f"{synced[0][0]:.3f}", acc=f"{float(correct[0]) / seen:.3f}",
-                                ips=f"{seen * slots / max(time.perf_counter() - tic, 1e-9):.0f}")
+                                ips=f"{seen * n_students / max(time.perf_counter() - tic, 1e-9):.0f}")
         bar.close()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -386,18 +386,19 @@ def fit(job: FitJob) -> list[FitResult]:
         images_seen += seen
         epoch_sums = sums.total.T.tolist()
         accuracy_train = (correct / seen).tolist()
-        val_acc = slot_accuracy(predict, data.val_images, data.val_labels, recipe.eval_batch_size, slots)
+        eval_batch = recipe.eval_batch_size
+        val_acc = accuracy_per_student(predict, data.val_images, data.val_labels, eval_batch, n_students)
         score_test = job.test_every_epoch or epoch + 1 == recipe.epochs
-        test_acc = (slot_accuracy(predict, data.test_images, data.test_labels, recipe.eval_batch_size, slots)
+        test_acc = (accuracy_per_student(predict, data.test_images, data.test_labels, eval_batch, n_students)
                     if score_test and data.test_images is not None and data.test_labels is not None else None)
         seconds += epoch_seconds
         records = []
-        for s in range(slots):
+        for s in range(n_students):
             # images_per_second: this student's images per second (students together share the time).
             record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_acc": accuracy_train[s],
                       "images_per_second": seen / epoch_seconds}
             record.update({f"train_{k}": v / seen for k, v in zip(sums.keys, epoch_sums[s], strict=True)
-                           if _logged(k, s, job.slot_terms)})
+                           if _logged(k, s, job.student_terms)})
             record["val_acc"] = val_acc[s]
             if test_acc is not None:
                 record["test_acc"] = test_acc[s]
@@ -413,7 +414,7 @@ def fit(job: FitJob) -> list[FitResult]:
         if epoch_hook is not None:
             epoch_hook(epoch + 1, records)
     results = []
-    for s in range(slots):
+    for s in range(n_students):
         history = histories[s]
         ips = images_seen / train_seconds if train_seconds else (history[-1]["images_per_second"] if history else 0.0)
         results.append(FitResult(history=history, seconds=seconds, images_per_second=ips, steps=total_steps))
@@ -443,15 +444,15 @@ class TermSums:
         return stacked
 
 
-def _logged(term: str, slot: int, slot_terms: list[set[str]] | None) -> bool:
-    return term == "loss" or slot_terms is None or term in slot_terms[slot]
+def _logged(term: str, student: int, student_terms: list[set[str]] | None) -> bool:
+    return term == "loss" or student_terms is None or term in student_terms[student]
 
 
 def _check_finite(first_bad_step: torch.Tensor, epoch: int, steps_per_epoch: int, desc: str) -> None:
     bad = first_bad_step.tolist()
-    for slot, step in enumerate(bad):
+    for student, step in enumerate(bad):
         if step >= 0:
-            who = f"{desc}: " if len(bad) == 1 else f"{desc}, student {slot}: "
+            who = f"{desc}: " if len(bad) == 1 else f"{desc}, student {student}: "
             raise TrainingDiverged(
                 f"{who}loss became NaN or infinite at epoch {epoch + 1}, step {step - epoch * steps_per_epoch + 1} "
                 f"(global step {step + 1}); the last good checkpoint is kept. Lower the learning rate or "

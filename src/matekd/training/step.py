@@ -58,22 +58,23 @@ class MethodStudents:
 def by_method(methods: Sequence[Method], values: Sequence[DistillParams], teachers: Sequence[Sequence[str]],
               outputs: TeacherOutputs, device: torch.device) -> list[MethodStudents]:
     """Gather the group's students (their methods, values and teachers, by position) by method."""
-    found: dict[str, dict] = {}
-    for position, (method, value, names) in enumerate(zip(methods, values, teachers, strict=True)):
-        entry = found.setdefault(method.name, {"method": method, "values": value, "names": list(names),
-                                               "positions": []})
-        if value.model_dump(exclude={"seed"}) != entry["values"].model_dump(exclude={"seed"}):
-            raise ParamsError(f"students of method {method.name!r} in one group must share their values")
-        entry["positions"].append(position)
+    if not len(methods) == len(values) == len(teachers):
+        raise ValueError(f"{len(methods)} methods, {len(values)} values, {len(teachers)} teacher lists")
+    positions_of: dict[str, list[int]] = {}
+    for position, method in enumerate(methods):
+        positions_of.setdefault(method.name, []).append(position)
     members = []
-    for entry in found.values():
-        rows = [outputs.names.index(n) for n in entry["names"]]
-        method = entry["method"]
+    for positions in positions_of.values():
+        method, value, names = methods[positions[0]], values[positions[0]], list(teachers[positions[0]])
+        shared = value.model_dump(exclude={"seed"})
+        if any(values[p].model_dump(exclude={"seed"}) != shared for p in positions):
+            raise ParamsError(f"students of method {method.name!r} in one group must share their values")
+        rows = [outputs.names.index(n) for n in names]
         members.append(MethodStudents(
-            method, entry["values"], entry["positions"], rows, entry["names"],
-            torch.tensor(entry["positions"], dtype=torch.long, device=device),
+            method, value, positions, rows, names,
+            torch.tensor(positions, dtype=torch.long, device=device),
             torch.tensor(rows, dtype=torch.long, device=device)[:, None],
-            WeightHistogram(len(rows), len(entry["positions"]), entry["values"].histogram_bins, device)
+            WeightHistogram(len(rows), len(positions), value.histogram_bins, device)
             if method.per_sample_weights else None))
     return members
 
@@ -97,7 +98,7 @@ class GroupStep:
             names, rows, student_total = self._method_step(member, batch, epoch, logits, maps)
             blocks.append((member, names, rows))
             total = total + student_total.sum()
-        terms = self._table(blocks, batch.slots, total)
+        terms = self._table(blocks, batch.student_count, total)
         return StepOutput(total, logits, terms["total"], terms)
 
     def _student_maps(self, batch: Batch, logits: Tensor, activations: Tensor) -> Tensor:

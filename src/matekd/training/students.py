@@ -184,7 +184,7 @@ def train_students(params: Params, specs: Sequence[StudentSpec], data: Prepared,
         seeds=[data_seed(s) for s in specs], runs=list(runs), checkpoint=checkpoint,
         digest=group_digest(params, specs, data.manifest_hash), desc=desc or " + ".join(s.output for s in specs),
         log_every=specs[0].distill.log_every, predict=lambda x, bs: predict_all(students, x, bs, device),
-        slot_terms=[logged_terms(s.method, spec_teachers(s, params)) for s in specs], epoch_hook=on_epoch,
+        student_terms=[logged_terms(s.method, spec_teachers(s, params)) for s in specs], epoch_hook=on_epoch,
         progress=progress))
     for member in members:
         for position in member.positions:

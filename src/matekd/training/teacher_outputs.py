@@ -53,7 +53,7 @@ class TeacherOutputs:
             # One gather over (teacher, image, variant): never a copy of a whole teacher's cache.
             return self.train_logits[rows, index.reshape(-1)[None, :], variants[None, :]].float()
         b = batch.labels.shape[1]
-        inputs = batch.inputs.view(batch.slots, b, *batch.inputs.shape[1:])[students].flatten(0, 1)
+        inputs = batch.inputs.view(batch.student_count, b, *batch.inputs.shape[1:])[students].flatten(0, 1)
         with torch.no_grad():
             return torch.stack([self.models[j](inputs).float() for j in teachers])
 
