@@ -33,15 +33,30 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def stage_times(study: Path) -> list[dict]:
-    import mlflow
+def last_sign_of_life(client, run) -> int | None:
+    """The time (ms) of a run's last logged metric: where an interrupted run really stopped. Its
+    recorded end is when the next attempt marked it failed, which can be a session later."""
+    times = [m.timestamp for key in run.data.metrics for m in client.get_metric_history(run.info.run_id, key)]
+    return max(times, default=None)
 
-    mlflow.set_tracking_uri(f"sqlite:///{study / 'mlruns' / 'mlflow.db'}")
+
+def stage_times(study: Path) -> list[dict]:
+    """One row per tracked run, oldest first. wall_seconds: start to end for a finished run; for
+    an interrupted one (killed, failed, still marked running) start to its last logged metric,
+    so the time between sessions is not counted (its stage resumed from a checkpoint)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{study / 'mlruns' / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=10_000,
                               order_by=["attributes.start_time ASC"])
     rows = []
     for r in runs:
         start, end = r.info.start_time, r.info.end_time
+        if r.info.status != "FINISHED":
+            end = last_sign_of_life(client, r) or start
         rows.append({"stage": r.data.tags.get("stage", ""), "run": r.info.run_name, "status": r.info.status,
                      "start_utc": datetime.fromtimestamp(start / 1000, UTC).isoformat(timespec="seconds"),
                      "end_utc": datetime.fromtimestamp(end / 1000, UTC).isoformat(timespec="seconds") if end else "",
@@ -89,7 +104,9 @@ def main() -> int:
         f"- params: `params.yaml` of that commit (`dvc.lock` pins every stage's inputs)\n"
         f"- machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"Python {platform.python_version()}\n"
-        f"- ran: {first} to {last} (UTC); tracked runs' wall time added up: {total / 3600:.2f} h\n"
+        f"- ran: {first} to {last} (UTC), across sessions; tracked runs' wall time added up: "
+        f"{total / 3600:.2f} h (interrupted runs up to their last logged metric; untracked work such "
+        f"as `prepare`, method_inputs and process start-ups not included)\n"
         f"- per-stage wall times: `stage_times.csv` (from the study's MLflow runs)\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
