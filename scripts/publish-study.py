@@ -44,14 +44,21 @@ def stage_times(study: Path) -> list[dict]:
     """One row per tracked run, oldest first. wall_seconds: start to end for a finished run; for
     an interrupted one (killed, failed, still marked running) start to its last logged metric,
     so the time between sessions is not counted (its stage resumed from a checkpoint)."""
-    import mlflow
+    from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{study / 'mlruns' / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=10_000,
-                              order_by=["attributes.start_time ASC"])
+    # A client bound to the study's store, not mlflow.set_tracking_uri: that would repoint (and
+    # export) the process's tracking URI for whatever runs after us, tests included.
+    client = MlflowClient(f"sqlite:///{study / 'mlruns' / 'mlflow.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiments, run_view_type=ViewType.ALL, max_results=1_000,
+                                  order_by=["attributes.start_time ASC"], page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
     rows = []
     for r in runs:
         start, end = r.info.start_time, r.info.end_time

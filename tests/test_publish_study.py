@@ -4,6 +4,7 @@ metric, not up to when the next session marked it failed (the study's runs span 
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "publish-study.py"
@@ -37,7 +38,12 @@ def test_interrupted_runs_count_until_their_last_metric_and_finished_runs_until_
     silent = client.create_run(experiment, start_time=later + 200_000, tags={"stage": "cache"}, run_name="cache a")
     client.set_terminated(silent.info.run_id, "KILLED", end_time=later + 900_000)
 
+    import mlflow
+
+    uri_before = mlflow.get_tracking_uri()
     rows = _publish_module().stage_times(tmp_path)
+    # read through its own client: the process's tracking URI (which later tests rely on) is untouched
+    assert mlflow.get_tracking_uri() == uri_before and "mlflow.db" not in os.environ.get("MLFLOW_TRACKING_URI", "")
 
     assert [(r["run"], r["status"], r["wall_seconds"]) for r in rows] == [
         ("teacher a", "FAILED", 600.0), ("teacher a", "FINISHED", 100.0), ("cache a", "KILLED", 0.0)]
